@@ -1,0 +1,1 @@
+"""Model definitions (pure JAX/Flax) and checkpoint I/O."""

@@ -1,0 +1,113 @@
+"""One attention interface, several kernels, and the masks they consume.
+
+The model builds an `AttentionMask` (causal self-attention, causal attention into a KV cache, or
+block-diagonal segments for the vision tower) and calls `attend`; the kernel is picked per backend by
+config, so a faster kernel never touches model code (perf-notes.md: on CPU the blocked causal kernel
+wins, on GPU cuDNN flash attention).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+
+MaskKind = Literal["causal", "cached", "segments"]
+
+
+@dataclass(frozen=True)
+class AttentionMask:
+    """Which keys each query may see.
+
+    causal:   queries and keys are the same sequence; key s visible to query t iff s <= t and valid[s].
+    cached:   keys are a cache buffer; key s visible to query t iff s <= q_index[t] and valid[s].
+    segments: non-causal; visible iff same segment id (vision tower: one segment per image frame).
+    """
+
+    kv_valid: jax.Array | None = None  # (B, S) bool
+    q_index: jax.Array | None = None  # (B, T) int32, "cached" only
+    segment_ids: jax.Array | None = None  # (B, S) int32, "segments" only
+    kind: MaskKind = "causal"  # static
+
+    def dense(self, num_queries: int, num_keys: int) -> jax.Array:
+        """Boolean (B, 1, T, S) mask."""
+        if self.kind == "segments":
+            seg = self.segment_ids
+            return (seg[:, :, None] == seg[:, None, :])[:, None]
+        if self.kind == "causal":
+            q_index = jnp.arange(num_queries)[None, :]
+        else:
+            q_index = self.q_index
+        visible = jnp.arange(num_keys)[None, None, :] <= q_index[:, :, None]
+        if self.kv_valid is not None:
+            visible = visible & self.kv_valid[:, None, :]
+        return visible[:, None]
+
+
+# `kind` is static pytree metadata (it selects code paths), the arrays are data.
+jax.tree_util.register_dataclass(
+    AttentionMask, data_fields=["kv_valid", "q_index", "segment_ids"], meta_fields=["kind"]
+)
+
+
+def causal_mask(valid: jax.Array | None) -> AttentionMask:
+    return AttentionMask(kv_valid=None if valid is None else valid.astype(bool), kind="causal")
+
+
+def cached_mask(q_index: jax.Array, kv_valid: jax.Array) -> AttentionMask:
+    return AttentionMask(kv_valid=kv_valid.astype(bool), q_index=q_index.astype(jnp.int32), kind="cached")
+
+
+def segment_mask(segment_ids: jax.Array) -> AttentionMask:
+    return AttentionMask(segment_ids=segment_ids, kind="segments")
+
+
+def resolve_impl(impl: str) -> str:
+    """'auto' → cuDNN flash attention on GPU, the blocked causal kernel on CPU, XLA elsewhere."""
+    if impl != "auto":
+        return impl
+    backend = jax.default_backend()
+    if backend == "gpu":
+        return "cudnn"
+    if backend == "cpu":
+        return "chunked"
+    return "xla"
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask, *, impl: str = "auto",
+           chunk: int = 128) -> jax.Array:
+    """softmax(q·kᵀ/√d + mask)·v with fp32 logits and softmax; q (B,T,N,H), k/v (B,S,K,H), N % K == 0."""
+    impl = resolve_impl(impl)
+    if impl == "cudnn" and mask.kind == "causal" and q.dtype in (jnp.bfloat16, jnp.float16):
+        return _cudnn_causal(q, k, v, mask)
+    if impl == "chunked" and mask.kind == "causal" and q.shape[1] > chunk:
+        return _chunked_causal(q, k, v, mask, chunk)
+    dense = mask.dense(q.shape[1], k.shape[1])
+    return jax.nn.dot_product_attention(q, k, v, mask=dense, implementation="xla")
+
+
+def _cudnn_causal(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask) -> jax.Array:
+    """cuDNN flash attention (GPU, half precision): causal, with key padding as an explicit mask."""
+    key_mask = None if mask.kv_valid is None else mask.kv_valid[:, None, None, :]
+    return jax.nn.dot_product_attention(q, k, v, mask=key_mask, is_causal=True, implementation="cudnn")
+
+
+def _chunked_causal(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask, chunk: int) -> jax.Array:
+    """Causal attention in query blocks that only read the keys at or before the block's end.
+
+    Skips the fully masked upper triangle (about half the work at long lengths) with static slices,
+    so forward and backward stay plain XLA ops; the exact softmax is kept per block.
+    """
+    length = q.shape[1]
+    outs = []
+    for start in range(0, length, chunk):
+        stop = min(start + chunk, length)
+        visible = jnp.arange(stop)[None, :] <= jnp.arange(start, stop)[:, None]  # (Tq, S')
+        block_mask = visible[None, None]
+        if mask.kv_valid is not None:
+            block_mask = block_mask & mask.kv_valid[:, None, None, :stop]
+        outs.append(jax.nn.dot_product_attention(
+            q[:, start:stop], k[:, :stop], v[:, :stop], mask=block_mask, implementation="xla"))
+    return jnp.concatenate(outs, axis=1)
