@@ -1,0 +1,194 @@
+"""Model pieces checked against direct formulas or against another path of the model itself."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from gsjax.models.qwen3_vl import reference as R
+from gsjax.models.qwen3_vl.attention import attend, causal_mask
+from gsjax.models.qwen3_vl.config import PRESETS, ConfigError, Qwen3VLConfig, preset
+from gsjax.models.qwen3_vl.model import DecodeCache, Qwen3VL, prepare_inputs
+from gsjax.models.qwen3_vl.rope import get_rope_index, mrope_axis_of_channel
+from gsjax.models.qwen3_vl.vision import vision_inputs
+
+from .conftest import GRIDS
+
+
+def test_rope_index_matches_spec_example():
+    # [<|im_start|>, u, \n, VS, IMG×6 (grid 1×4×6), VE, a, b, <|im_end|>] (spec §3.3)
+    ids = np.array([[9, 8, 7, 202] + [200] * 6 + [203, 5, 6, 4]])
+    pos, delta = get_rope_index(ids, image_token_id=200, video_token_id=201, spatial_merge_size=2,
+                                image_grid_thw=np.array([[1, 4, 6]]))
+    assert pos[0, 0].tolist() == [0, 1, 2, 3, 4, 4, 4, 4, 4, 4, 7, 8, 9, 10]
+    assert pos[1, 0].tolist() == [0, 1, 2, 3, 4, 4, 4, 5, 5, 5, 7, 8, 9, 10]
+    assert pos[2, 0].tolist() == [0, 1, 2, 3, 4, 5, 6, 4, 5, 6, 7, 8, 9, 10]
+    assert delta.tolist() == [-3]
+
+
+def test_rope_index_padding_and_errors():
+    ids = np.array([[0, 0, 5, 6, 7], [5, 6, 7, 0, 0]])
+    mask = np.array([[0, 0, 1, 1, 1], [1, 1, 1, 0, 0]])
+    pos, delta = get_rope_index(ids, image_token_id=200, video_token_id=201, spatial_merge_size=2,
+                                attention_mask=mask)
+    assert pos[0, 0].tolist() == [0, 0, 0, 1, 2] and pos[0, 1].tolist() == [0, 1, 2, 0, 0]
+    assert delta.tolist() == [0, 0]
+    with pytest.raises(ValueError, match="more image placeholder tokens"):
+        get_rope_index(np.array([[1, 200, 200, 200, 200]]), image_token_id=200, video_token_id=201,
+                       spatial_merge_size=2, image_grid_thw=np.zeros((0, 3), int))
+
+
+def test_mrope_channel_assignment_has_t_tail():
+    axis = mrope_axis_of_channel(128, (24, 20, 20))
+    assert (axis == 1).sum() == 20 and (axis == 2).sum() == 20 and (axis == 0).sum() == 24
+    assert axis[60:].tolist() == [0, 0, 0, 0] and axis[:6].tolist() == [0, 1, 2, 0, 1, 2]
+
+
+def test_preset_parameter_counts_match_spec():
+    expected = {"2b": 2_127_532_032, "4b": 4_437_815_808, "8b": 8_767_123_696, "30b-a3b": 31_070_754_032}
+    for name, count in expected.items():
+        model = nnx.eval_shape(lambda n=name: Qwen3VL(preset(n), rngs=nnx.Rngs(0)))
+        params = nnx.state(model, nnx.Param)
+        total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+        assert total == count, (name, total)
+
+
+def test_config_reads_hub_and_v5_forms(hf_dirs):
+    import json
+
+    v5 = json.loads((hf_dirs["moe"] / "config.json").read_text())
+    cfg = Qwen3VLConfig.from_hf_dict(v5)
+    hub = cfg.to_hf_dict()
+    assert "rope_scaling" in hub["text_config"] and "num_experts" in hub["text_config"]
+    again = Qwen3VLConfig.from_hf_dict(hub)
+    assert again.text == cfg.text and again.vision == cfg.vision
+    assert cfg.text.rope_theta == 5e6 and cfg.text.num_experts == 6 and cfg.text.mrope_section == (6, 3, 3)
+    broken = json.loads(json.dumps(v5))
+    broken["text_config"]["rope_parameters"]["mrope_section"] = [6, 3, 2]
+    with pytest.raises(ConfigError, match="mrope_section"):
+        Qwen3VLConfig.from_hf_dict(broken)
+    del broken["text_config"]["head_dim"]
+    with pytest.raises(ConfigError, match="head_dim"):
+        Qwen3VLConfig.from_hf_dict(broken)
+
+
+def test_chunked_attention_equals_dense():
+    rng = jax.random.PRNGKey(0)
+    q, k, v = (jax.random.normal(key, shape) for key, shape in zip(
+        jax.random.split(rng, 3), [(2, 300, 4, 16), (2, 300, 2, 16), (2, 300, 2, 16)]))
+    valid = jnp.arange(300)[None, :] >= jnp.array([[0], [37]])  # row 1 left-padded
+    mask = causal_mask(valid)
+    dense = attend(q, k, v, mask, impl="xla")
+    chunked = attend(q, k, v, mask, impl="chunked", chunk=64)
+    rows = np.asarray(valid)  # fully masked (padding) query rows are garbage in either kernel
+    assert np.abs(np.asarray(dense - chunked))[rows].max() < 1e-5
+    keep = valid[:, :, None, None]
+    g1 = jax.grad(lambda q: jnp.sum(jnp.where(keep, attend(q, k, v, mask, impl="xla"), 0) ** 2))(q)
+    g2 = jax.grad(lambda q: jnp.sum(jnp.where(keep, attend(q, k, v, mask, impl="chunked", chunk=64), 0) ** 2))(q)
+    assert np.abs(np.asarray(g1 - g2)).max() < 1e-4
+
+
+def _tiny(moe: bool = False, **runtime) -> Qwen3VL:
+    cfg = preset("tiny-moe" if moe else "tiny")
+    cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, vocab_size=256),
+                              image_token_id=200, video_token_id=201, vision_start_token_id=202,
+                              vision_end_token_id=203)
+    return Qwen3VL(cfg.with_runtime(**runtime), rngs=nnx.Rngs(3))
+
+
+def test_moe_ragged_equals_dense_path():
+    model = _tiny(moe=True)
+    ids = np.random.default_rng(0).integers(0, 190, (2, 12))
+    inp = prepare_inputs(model.config, ids)
+    ragged = model(inp["input_ids"], inp["positions"])
+    model.config = model.config.with_runtime(moe_impl="dense")
+    for layer in model.layers:
+        layer.mlp.impl = "dense"
+    dense = model(inp["input_ids"], inp["positions"])
+    assert np.abs(np.asarray(ragged.logits - dense.logits)).max() < 1e-5
+    assert float(ragged.router.rows) == 24 * 4  # 24 tokens × 4 MoE layers
+    np.testing.assert_allclose(np.asarray(ragged.router.top_k_counts).sum(), 24 * 4 * 2)
+
+
+def _loss(model: Qwen3VL, inp) -> jax.Array:
+    return jnp.mean(model(inp["input_ids"], inp["positions"], None, inp["vision"]).logits ** 2)
+
+
+def test_remat_policies_give_identical_gradients():
+    grids = [(1, 4, 4)]
+    ids = R.image_prompt(grids, 200, 202, 203)[None]
+    inputs = None
+    grads = {}
+    for policy in ("none", "full", "dots"):
+        model = _tiny(remat=policy, vision_remat=policy)
+        inputs = inputs or prepare_inputs(model.config, ids, None, R.random_pixels(grids, model.config.vision.patch_dim),
+                                          np.asarray(grids))
+        grads[policy] = nnx.grad(_loss)(model, inputs)
+    for policy in ("full", "dots"):
+        diffs = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), grads["none"], grads[policy])
+        assert max(jax.tree.leaves(diffs)) < 1e-6
+
+
+def test_per_layer_remat_list_is_validated():
+    with pytest.raises(ConfigError, match="3 policies for 4 layers"):
+        _tiny(remat=("full", "none", "full"))(*_text_inputs())
+
+
+def _text_inputs():
+    inp = prepare_inputs(PRESETS["tiny"], np.array([[1, 2, 3]]))
+    return inp["input_ids"], inp["positions"]
+
+
+def test_cached_decode_equals_full_forward():
+    """Prefill with a left-padded batch, then decode token by token: logits equal the full forward's."""
+    model = _tiny()
+    grids = [(1, 4, 4)]
+    prompt = R.image_prompt(grids, 200, 202, 203)
+    ids = np.stack([prompt, np.concatenate([np.zeros(4, int), prompt[4:] % 190])])
+    mask = np.ones_like(ids)
+    mask[1, :4] = 0
+    pv = R.random_pixels(grids, model.config.vision.patch_dim)
+    full_ids = np.concatenate([ids, np.array([[11, 12, 13], [21, 22, 23]])], axis=1)
+    full_mask = np.concatenate([mask, np.ones((2, 3), int)], axis=1)
+    full = prepare_inputs(model.config, full_ids, full_mask, pv, np.asarray(grids))
+    expected = np.asarray(model(full["input_ids"], full["positions"], full["attention_mask"], full["vision"]).logits)
+
+    pre = prepare_inputs(model.config, ids, mask, pv, np.asarray(grids))
+    cache = DecodeCache.create(model.config, batch=2, max_len=32)
+    out = model(pre["input_ids"], pre["positions"], pre["attention_mask"], pre["vision"], cache=cache)
+    np.testing.assert_allclose(np.asarray(out.logits)[0], expected[0, :ids.shape[1]], atol=1e-5)
+    cache, valid_so_far = out.cache, mask.sum(1)
+    graphdef, state = nnx.split(model)
+    step = jax.jit(lambda s, i, p, c: nnx.merge(graphdef, s)(i, p, None, None, cache=c))
+    for t in range(3):
+        new = full_ids[:, ids.shape[1] + t][:, None]
+        positions = np.broadcast_to((valid_so_far + pre["deltas"])[None, :, None], (3, 2, 1))
+        out = step(state, new, positions, cache)
+        cache, valid_so_far = out.cache, valid_so_far + 1
+        np.testing.assert_allclose(np.asarray(out.logits)[:, 0], expected[:, ids.shape[1] + t], atol=1e-5)
+
+
+def test_vision_padding_rows_do_not_change_outputs():
+    model = _tiny()
+    ids = R.image_prompt(GRIDS, 200, 202, 203)[None]
+    pv = R.random_pixels(GRIDS, model.config.vision.patch_dim)
+    plain = prepare_inputs(model.config, ids, None, pv, np.asarray(GRIDS))
+    padded = prepare_inputs(model.config, ids, None, pv, np.asarray(GRIDS), pad_vision_to=80)
+    assert padded["vision"].pixel_values.shape[0] == 80
+    a = model(plain["input_ids"], plain["positions"], None, plain["vision"]).logits
+    b = model(padded["input_ids"], padded["positions"], None, padded["vision"]).logits
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+
+def test_mismatched_image_tokens_are_refused():
+    cfg = _tiny().config
+    ids = R.image_prompt([(1, 4, 4)], 200, 202, 203)[None]
+    with pytest.raises(ValueError, match="image tokens"):
+        prepare_inputs(cfg, ids, None, R.random_pixels([(1, 4, 6)], cfg.vision.patch_dim), np.array([[1, 4, 6]]))
+    with pytest.raises(ValueError, match="does not match image_grid_thw"):
+        vision_inputs(np.zeros((10, cfg.vision.patch_dim)), np.array([[1, 4, 4]]), cfg.vision)
