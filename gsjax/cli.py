@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated
+
 import typer
 
 app = typer.Typer(
@@ -16,6 +19,30 @@ app = typer.Typer(
 @app.callback()
 def main() -> None:
     """gsjax: SFT and agentic GRPO for a Qwen3-VL search agent, in JAX/Flax."""
+
+
+@app.command()
+def logits(
+    hf_dir: Annotated[Path, typer.Option("--hf-dir", help="HF Qwen3-VL(-MoE) checkpoint directory")],
+    inputs: Annotated[Path, typer.Option("--inputs", help="npz with input_ids, attention_mask "
+                                                           "[, pixel_values, image_grid_thw]")],
+    out: Annotated[Path, typer.Option("--out", help="where to write the logits (.npy, float32)")],
+    dtype: Annotated[str, typer.Option(help="param and compute dtype: float32 | bfloat16")] = "float32",
+) -> None:
+    """Run gsjax's Qwen3-VL on arrays from an npz file and save the logits."""
+    from gsjax.models.qwen3_vl.commands import write_logits
+
+    write_logits(hf_dir, inputs, out, dtype)
+
+
+@app.command()
+def demo(
+    workdir: Annotated[Path, typer.Option(help="where the demo writes its files")] = Path("runs/demo"),
+) -> None:
+    """Build a tiny random Qwen3-VL, round-trip it through an HF checkpoint, and chat with it about an image."""
+    from gsjax.models.qwen3_vl.commands import tiny_model_demo
+
+    tiny_model_demo(workdir)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,11 @@ SEARCH_TOOL = {
     },
 }
 TRIPLET = "<|vision_start|><|image_pad|><|vision_end|>"
+QUERY = "painting 天气"
+
+
+def text_item(text: str) -> dict:
+    return {"type": "text", "text": text}
 
 
 def test_plain_turns_have_no_default_system_and_a_generation_prompt():
@@ -64,7 +69,7 @@ def test_tools_block_uses_hf_tojson_semantics():
         "<|im_start|>system\n" + TOOLS_HEAD + "\n" + tool_json + TOOLS_TAIL + expected_tail
     )
     second = {"name": "fetch", "parameters": {"z": 1, "a": 2}}
-    system = {"role": "system", "content": [{"type": "text", "text": "You are "}, {"type": "text", "text": "an agent."}]}
+    system = {"role": "system", "content": [text_item("You are "), text_item("an agent.")]}
     assert render_chat([system, user], tools=[SEARCH_TOOL, second]) == (
         "<|im_start|>system\nYou are an agent.\n\n" + TOOLS_HEAD + "\n" + tool_json
         + '\n{"name": "fetch", "parameters": {"z": 1, "a": 2}}' + TOOLS_TAIL + expected_tail
@@ -137,7 +142,7 @@ def hf_encode(hf_processor: Any, messages: list, tools: list | None = None, add_
 def test_spec_check_300x500_matches_the_hf_processor(qwen_tokenizer: Any, hf_processor: Any, tmp_path: Path):
     path = tmp_path / "img.png"
     random_image(300, 500).save(path)
-    messages = [{"role": "user", "content": [{"type": "image", "image": str(path)}, {"type": "text", "text": "Describe."}]}]
+    messages = [{"role": "user", "content": [{"type": "image", "image": str(path)}, text_item("Describe.")]}]
     enc = encode_chat(messages, qwen_tokenizer, CFG, add_generation_prompt=True)
     ref = hf_encode(hf_processor, messages, add_generation_prompt=True)
     assert ref["input_ids"].shape == (1, 156) and enc.input_ids.shape == (156,)
@@ -153,9 +158,9 @@ def test_spec_check_300x500_matches_the_hf_processor(qwen_tokenizer: Any, hf_pro
 def agent_episode(image_a: Any, image_b: Any) -> list[dict]:
     return [
         {"role": "system", "content": "You are a search agent."},
-        {"role": "user", "content": [{"type": "text", "text": "Who painted this?"}, {"type": "image", "image": image_a}]},
+        {"role": "user", "content": [text_item("Who painted this?"), {"type": "image", "image": image_a}]},
         {"role": "assistant", "content": "<think>\nI should search.\n</think>\n\n",
-         "tool_calls": [{"type": "function", "function": {"name": "search", "arguments": {"query": "painting 天气"}}}]},
+         "tool_calls": [{"type": "function", "function": {"name": "search", "arguments": {"query": QUERY}}}]},
         {"role": "tool", "content": "1. Monet, Water Lilies"},
         {"role": "tool", "content": [{"type": "text", "text": "Match:"}, {"type": "image", "image": image_b}]},
         {"role": "assistant", "content": "It is Monet."},
@@ -163,8 +168,8 @@ def agent_episode(image_a: Any, image_b: Any) -> list[dict]:
 
 
 ASSISTANT_BODIES = [
-    '<think>\nI should search.\n</think>\n\n\n<tool_call>\n{"name": "search", "arguments": {"query": "painting 天气"}}'
-    "\n</tool_call><|im_end|>",
+    '<think>\nI should search.\n</think>\n\n\n<tool_call>\n{"name": "search", "arguments": {"query": "' + QUERY
+    + '"}}\n</tool_call><|im_end|>',
     "It is Monet.<|im_end|>",
 ]
 
@@ -197,7 +202,7 @@ def test_image_sources_are_interchangeable(qwen_tokenizer: Any, tmp_path: Path):
     image = random_image(200, 260, seed=9)
     path = tmp_path / "img.png"
     image.save(path)
-    item = {"type": "text", "text": "Describe."}
+    item = text_item("Describe.")
     by_pil = encode_chat([{"role": "user", "content": [{"type": "image", "image": image}, item]}], qwen_tokenizer, CFG)
     by_path = encode_chat([{"role": "user", "content": [{"type": "image", "path": path}, item]}], qwen_tokenizer, CFG)
     by_arg = encode_chat([{"role": "user", "content": [{"type": "image"}, item]}], qwen_tokenizer, CFG, images=[image])
@@ -218,13 +223,15 @@ def test_text_only_chat_matches_tokenizer_and_has_no_image_tensors(qwen_tokenize
 @pytest.mark.parametrize(
     ("messages", "kwargs", "match"),
     [
-        ([{"role": "assistant", "content": [{"type": "image", "image": "x.png"}]}], {}, "assistant message cannot carry images"),
+        ([{"role": "assistant", "content": [{"type": "image", "image": "x.png"}]}], {},
+         "assistant message cannot carry images"),
         ([{"role": "user", "content": [{"type": "image"}]}], {}, "carry no image"),
         ([{"role": "user", "content": [{"type": "image"}]}], {"images": []}, "0 images for 1 image items"),
         ([{"role": "user", "content": "a <|image_pad|> b"}], {}, "literal <\\|image_pad\\|>"),
         ([{"role": "critic", "content": "a"}], {}, "role 'critic'"),
         ([{"role": "user", "content": [{"type": "video", "video": "v.mp4"}]}], {}, "video"),
-        ([{"role": "user", "content": "q"}, {"role": "assistant", "content": "\nanswer"}], {}, "crosses an assistant span"),
+        ([{"role": "user", "content": "q"}, {"role": "assistant", "content": "\nanswer"}], {},
+         "crosses an assistant span"),
     ],
 )
 def test_encode_chat_refuses_what_it_cannot_mask_honestly(qwen_tokenizer: Any, messages, kwargs, match):
@@ -238,6 +245,7 @@ def test_a_template_that_rewrites_history_is_refused(qwen_tokenizer: Any, monkey
         "{%- if loop.last %} (last){% endif %}<|im_end|>\n{% endfor %}"
     )
     monkeypatch.setattr(qwen_tokenizer, "chat_template", rewriting)
-    messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}, {"role": "user", "content": "r"}]
+    messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"},
+                {"role": "user", "content": "r"}]
     with pytest.raises(ChatEncodingError, match="stable prefix"):
         encode_chat(messages, qwen_tokenizer, CFG)

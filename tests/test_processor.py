@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +52,8 @@ def test_smart_resize_spec_examples(size, resized, tokens):
 
 
 def test_smart_resize_matches_hf_on_a_grid_of_sizes():
-    sizes = [(h, w) for h in (1, 15, 33, 300, 999, 4100) for w in (7, 64, 500, 1920, 8000) if max(h, w) / min(h, w) <= 200]
+    sides = [(h, w) for h in (1, 15, 33, 300, 999, 4100) for w in (7, 64, 500, 1920, 8000)]
+    sizes = [(h, w) for h, w in sides if max(h, w) / min(h, w) <= 200]
     for cfg in (DEFAULT, CAPPED, PATCH8):
         for h, w in sizes:
             expected = hf_smart_resize(h, w, cfg.factor, cfg.min_pixels, cfg.max_pixels)
@@ -112,12 +114,13 @@ def test_patch_rows_follow_the_spec_layout():
     image = random_image(64, 64, seed=6)
     pixels, grid = process_images([image], DEFAULT)
     assert grid.tolist() == [[1, 16, 16]]
-    expected = np.asarray(image.resize((256, 256), Image.Resampling.BICUBIC)).astype(np.float32) / 127.5 - 1
+    resized = np.asarray(image.resize((256, 256), Image.Resampling.BICUBIC))
+    expected = resized.astype(np.float32) / np.float32(127.5) - np.float32(1)
     rows = pixels.reshape(-1, 3, 2, 16, 16)
     assert np.array_equal(rows[:, :, 0], rows[:, :, 1])
     window = [expected[r * 16 : (r + 1) * 16, c * 16 : (c + 1) * 16].transpose(2, 0, 1) for r, c in
               [(0, 0), (0, 1), (1, 0), (1, 1), (0, 2)]]
-    np.testing.assert_allclose(rows[:5, :, 0], np.stack(window), atol=1e-6)
+    assert np.array_equal(rows[:5, :, 0], np.stack(window))
 
 
 def test_path_input_applies_exif_orientation_like_hf_load_image(tmp_path: Path):
@@ -160,12 +163,16 @@ def test_bad_inputs_are_refused_clearly():
         process_images([b"bytes"], DEFAULT)
 
 
-def test_config_from_hf_preprocessor_config_forms():
+def test_config_from_hf_preprocessor_config_forms(tmp_path: Path):
     hub = {"size": {"shortest_edge": 65536, "longest_edge": 16777216}, "patch_size": 16, "temporal_patch_size": 2,
            "merge_size": 2, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "resample": 3,
            "rescale_factor": 0.00392156862745098, "do_convert_rgb": True}
     assert ImageProcessorConfig.from_hf_config(hub) == DEFAULT
-    legacy = {"min_pixels": 3136, "max_pixels": 160_000, "patch_size": 8, "size": {"shortest_edge": 1, "longest_edge": 2}}
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({**hub, "size": {"shortest_edge": 3136,
+                                                                                   "longest_edge": 160_000}}))
+    assert ImageProcessorConfig.from_model_dir(tmp_path) == ImageProcessorConfig(min_pixels=3136, max_pixels=160_000)
+    legacy = {"min_pixels": 3136, "max_pixels": 160_000, "patch_size": 8,
+              "size": {"shortest_edge": 1, "longest_edge": 2}}
     cfg = ImageProcessorConfig.from_hf_config(legacy)
     assert (cfg.min_pixels, cfg.max_pixels, cfg.patch_size, cfg.patch_dim) == (3136, 160_000, 8, 384)
     with pytest.raises(ValueError, match="resample=2"):

@@ -133,6 +133,22 @@ def test_a_build_killed_mid_write_leaves_no_cache(tmp_path: Path, monkeypatch):
     assert list((tmp_path / "tokenizers").iterdir()) == []
 
 
+def test_a_builder_that_loses_the_publish_race_uses_the_winners_cache(tmp_path: Path, monkeypatch):
+    final = tmp_path / "tokenizers" / f"qwen3vl-{tokenizer_module._cache_key(tokenizer_module.tiktoken_ranks_path())}"
+
+    class RacingTokenizer:
+        def save_pretrained(self, directory: Path) -> None:
+            (Path(directory) / "tokenizer.json").write_text("mine")
+            final.mkdir()  # another process publishes first
+            (final / "tokenizer.json").write_text("theirs")
+            (final / tokenizer_module._COMPLETE_MARKER).write_text("done")
+
+    monkeypatch.setattr(tokenizer_module, "build_offline_tokenizer", lambda *a, **k: RacingTokenizer())
+    assert offline_tokenizer_dir(tmp_path) == final
+    assert (final / "tokenizer.json").read_text() == "theirs"
+    assert [p.name for p in (tmp_path / "tokenizers").iterdir()] == [final.name]
+
+
 def test_abandoned_temp_dirs_are_swept_only_when_stale(tmp_path: Path):
     import os
     import time
