@@ -16,6 +16,11 @@ app = typer.Typer(
 )
 
 
+from gsjax.eval.cli import eval_app  # noqa: E402  (sub-apps register at import time)
+
+app.add_typer(eval_app, name="eval", help="KnowGen and WISE evaluation: run, generate, judge, score, compare.")
+
+
 @app.callback()
 def main() -> None:
     """gsjax: SFT and agentic GRPO for a Qwen3-VL search agent, in JAX/Flax."""

@@ -20,7 +20,6 @@ from gsjax.processor import (
 )
 from tests.processor_helpers import random_image
 
-pytest_plugins = ["tests.processor_fixtures"]
 
 CFG = ImageProcessorConfig()
 ASSISTANT_ID, NEWLINE_ID = 77091, 198

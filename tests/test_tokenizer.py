@@ -25,7 +25,6 @@ from gsjax.processor import (
     offline_tokenizer_dir,
 )
 
-pytest_plugins = ["tests.processor_fixtures"]
 
 SAMPLES = [
     "hello world",

@@ -126,3 +126,17 @@ def test_wise_cli_judge_and_score(tmp_path):
     assert result.exit_code == 0, result.output
     # (0.7*2 + 0.2*2 + 0.1*1) / 2 = 0.95 for both subsets
     assert json.loads((tmp_path / "ws" / "score.json").read_text())["overall_strict"] == pytest.approx(0.95)
+
+
+def test_heuristic_judging_is_flagged_in_records_and_report(tmp_path):
+    img = tmp_path / "i.png"
+    img.write_bytes(png_bytes((9, 9, 9)))
+    rows = [{"id": i, "success": True, "prompt": "p", "meta": {"category": "art"}, "output_path": "i.png",
+             "gt_image": "i.png"} for i in range(2)]
+    (tmp_path / "in.json").write_text(json.dumps(rows))
+    assert invoke("knowgen", "judge", "--input", tmp_path / "in.json", "--heuristic").exit_code == 0
+    records = [json.loads(line) for line in (tmp_path / "judgments.jsonl").read_text().splitlines()]
+    assert all(r["judge"]["backend"] == "heuristic" and "HEURISTIC" in r["scores"]["rationale"] for r in records)
+    assert invoke("knowgen", "score", "--judgments", tmp_path / "judgments.jsonl", "--out", tmp_path / "s").exit_code == 0
+    assert json.loads((tmp_path / "s" / "score.json").read_text())["judge_backends"] == {"heuristic": 2}
+    assert "**HEURISTIC scores**" in (tmp_path / "s" / "report.md").read_text()

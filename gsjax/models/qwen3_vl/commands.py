@@ -74,7 +74,7 @@ def tiny_model_demo(workdir: Path) -> dict:
     tokenizer = load_tokenizer()
     image_path = workdir / "demo.png"
     _demo_image().save(image_path)
-    pcfg = ImageProcessorConfig(patch_size=config.vision.patch_size, max_pixels=128 * 128)
+    pcfg = ImageProcessorConfig(patch_size=config.vision.patch_size, min_pixels=64 * 64, max_pixels=128 * 128)
     messages = [{"role": "user", "content": [{"type": "image", "image": str(image_path)},
                                              {"type": "text", "text": "Who painted this? Search if unsure."}]}]
     enc = encode_chat(messages, tokenizer, pcfg, add_generation_prompt=True)

@@ -61,15 +61,15 @@ def build_tiny_hf(directory: str | Path, *, moe: bool = False, tie: bool = False
     return directory
 
 
-def load_hf_model(directory: str | Path, dtype: str = "float32"):
-    """The transformers model of a checkpoint directory, eager attention, eval mode, on CPU."""
+def load_hf_model(directory: str | Path, dtype: str = "float32", attention: str = "eager"):
+    """The transformers model of a checkpoint directory (eager attention by default), eval mode, on CPU."""
     import json
 
     import torch
 
     moe = json.loads((Path(directory) / "config.json").read_text())["model_type"] == "qwen3_vl_moe"
     _, model_cls = _hf_classes(moe)
-    model = model_cls.from_pretrained(directory, dtype=getattr(torch, dtype), attn_implementation="eager")
+    model = model_cls.from_pretrained(directory, dtype=getattr(torch, dtype), attn_implementation=attention)
     return model.eval()
 
 

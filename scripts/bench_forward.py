@@ -1,0 +1,172 @@
+#!/usr/bin/env python
+"""Forward+backward tokens/s of gsjax (jit) vs transformers/PyTorch on the same Qwen3-VL text workload.
+
+Both sides get identical weights (one random HF checkpoint, loaded by each), the same batch of token
+ids and the same loss (next-token cross-entropy, mean over tokens); each timed step computes the loss
+and all parameter gradients. Prints one JSON line. MFU uses spec/qwen3vl.md §7 (6N + causal attention)
+against --peak-tflops (default: nominal bf16 dense peak of the detected GPU, none on CPU).
+
+  CPU (perf-notes workload):  python scripts/bench_forward.py
+  GPU (8B-shaped, 8 layers):  python scripts/bench_forward.py --workload 8b-8layers --seq 4096 --batch 1 \
+                              --dtype bfloat16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+WORKLOADS = {
+    # perf-notes.md: hidden 256, 4 layers, 8/4 heads, hd 32, SwiGLU 768, vocab 4096
+    "cpu-small": dict(vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+                      num_attention_heads=8, num_key_value_heads=4, head_dim=32,
+                      rope_parameters={"rope_type": "default", "rope_theta": 5e6, "mrope_section": [8, 4, 4],
+                                       "mrope_interleaved": True}),
+    # spec §7 anchor: Qwen3-8B-shaped decoder cut to 8 layers, untied
+    "8b-8layers": dict(vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=8,
+                       num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                       rope_parameters={"rope_type": "default", "rope_theta": 5e6, "mrope_section": [24, 20, 20],
+                                        "mrope_interleaved": True}),
+}
+NOMINAL_BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def build_checkpoint(workload: str, directory: Path, dtype: str) -> Path:
+    from gsjax.models.qwen3_vl import reference as R
+
+    text = {**WORKLOADS[workload], "max_position_embeddings": 262144}
+    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=4, patch_size=16,
+                  out_hidden_size=text["hidden_size"], num_position_embeddings=64, deepstack_visual_indexes=[0])
+    ids = {} if text["vocab_size"] > 151656 else dict(image_token_id=4000, video_token_id=4001,
+                                                       vision_start_token_id=4002, vision_end_token_id=4003)
+    return R.build_tiny_hf(directory, text=text, vision=vision, ids=ids, dtype=dtype)
+
+
+def time_steps(step, warmup: int, steps: int) -> float:
+    for _ in range(warmup):
+        step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return (time.perf_counter() - start) / steps
+
+
+def bench_gsjax(ckpt: Path, ids: np.ndarray, dtype: str, warmup: int, steps: int, attention: str) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+
+    from gsjax.models.qwen3_vl.checkpoint import load_hf
+    from gsjax.models.qwen3_vl.config import RuntimeConfig
+    from gsjax.models.qwen3_vl.model import prepare_inputs
+
+    runtime = RuntimeConfig(param_dtype="float32", dtype=dtype, attention_impl=attention)
+    model = load_hf(ckpt, runtime=runtime)
+    inp = prepare_inputs(model.config, ids)
+    graphdef, params = nnx.split(model, nnx.Param)
+
+    def loss_fn(p, ids, positions):
+        logits = nnx.merge(graphdef, p)(ids, positions).logits[:, :-1].astype(jnp.float32)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:]).mean()
+
+    grad_fn = jax.jit(jax.value_and_grad(loss_fn))
+    ids_dev, pos_dev = jnp.asarray(inp["input_ids"]), jnp.asarray(inp["positions"])
+
+    def step():
+        loss, grads = grad_fn(params, ids_dev, pos_dev)
+        jax.block_until_ready(grads)
+        return loss
+
+    t0 = time.perf_counter()
+    loss = float(step())
+    compile_s = time.perf_counter() - t0
+    seconds = time_steps(step, warmup, steps)
+    from gsjax.models.qwen3_vl.attention import resolve_impl
+
+    return {"seconds_per_step": seconds, "loss": loss, "compile_s": compile_s,
+            "attention": resolve_impl(attention), "device": str(jax.devices()[0].device_kind)}
+
+
+def bench_torch(ckpt: Path, ids: np.ndarray, dtype: str, warmup: int, steps: int) -> dict:
+    import torch
+
+    from gsjax.models.qwen3_vl import reference as R
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model = R.load_hf_model(ckpt, dtype="float32", attention="sdpa").to(device).train()
+    batch = torch.as_tensor(ids, dtype=torch.long, device=device)
+    autocast = torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        with autocast:
+            loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return loss
+
+    loss = float(step().detach())
+    seconds = time_steps(step, warmup, steps)
+    name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    return {"seconds_per_step": seconds, "loss": loss, "device": name, "threads": torch.get_num_threads()}
+
+
+def peak_flops(device_name: str, override: float | None) -> float | None:
+    if override:
+        return override * 1e12
+    return next((v for k, v in NOMINAL_BF16_PEAK.items() if k in device_name), None)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workload", choices=sorted(WORKLOADS), default="cpu-small")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=512)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="compute dtype (params fp32 on both sides; torch uses autocast for bf16)")
+    parser.add_argument("--attention", default="auto", help="gsjax attention kernel: auto|xla|chunked|cudnn")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--peak-tflops", type=float, default=None)
+    parser.add_argument("--skip-torch", action="store_true")
+    args = parser.parse_args()
+
+    from gsjax.models.qwen3_vl.config import Qwen3VLConfig
+    from gsjax.models.qwen3_vl.flops import mfu, train_flops_per_token
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = build_checkpoint(args.workload, Path(tmp) / "ckpt", "float32")
+        config = Qwen3VLConfig.from_file(ckpt)
+        vocab = min(config.text.vocab_size, 4000)
+        ids = np.random.default_rng(0).integers(0, vocab, size=(args.batch, args.seq))
+        ours = bench_gsjax(ckpt, ids, args.dtype, args.warmup, args.steps, args.attention)
+        theirs = None if args.skip_torch else bench_torch(ckpt, ids, args.dtype, args.warmup, args.steps)
+    tokens = args.batch * args.seq
+    flops = train_flops_per_token(config, args.seq)
+    peak = peak_flops(ours["device"], args.peak_tflops)
+    result = {
+        "bench": "forward_backward", "workload": args.workload, "batch": args.batch, "seq": args.seq,
+        "dtype": args.dtype, "flops_per_token": flops, "mfu_convention": "6N + causal attention, nominal peak",
+        "gsjax": {**ours, "tokens_per_s": tokens / ours["seconds_per_step"],
+                  "mfu": None if peak is None else mfu(tokens / ours["seconds_per_step"], flops, peak)},
+        "cpu_count": os.cpu_count(),
+    }
+    if theirs is not None:
+        result["torch"] = {**theirs, "tokens_per_s": tokens / theirs["seconds_per_step"],
+                           "mfu": None if peak is None else mfu(tokens / theirs["seconds_per_step"], flops, peak)}
+        result["speed_ratio_gsjax_over_torch"] = theirs["seconds_per_step"] / ours["seconds_per_step"]
+        result["loss_abs_diff"] = abs(ours["loss"] - theirs["loss"])
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
