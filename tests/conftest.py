@@ -1,3 +1,18 @@
-"""Shared pytest setup: fixtures that several test packages use."""
+"""Shared pytest setup: fixtures used by several test packages, and the GPU marker."""
+
+from __future__ import annotations
+
+import jax
+import pytest
 
 pytest_plugins = ["tests.processor_fixtures"]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked `gpu` need an accelerator; on a CPU-only machine they are skipped, never failed."""
+    if jax.default_backend() != "cpu":
+        return
+    skip = pytest.mark.skip(reason="needs a GPU/TPU accelerator (jax backend is cpu)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -192,3 +192,28 @@ def test_mismatched_image_tokens_are_refused():
         prepare_inputs(cfg, ids, None, R.random_pixels([(1, 4, 6)], cfg.vision.patch_dim), np.array([[1, 4, 6]]))
     with pytest.raises(ValueError, match="does not match image_grid_thw"):
         vision_inputs(np.zeros((10, cfg.vision.patch_dim)), np.array([[1, 4, 4]]), cfg.vision)
+
+
+def test_flops_match_spec_table():
+    from gsjax.models.qwen3_vl.flops import text_matmul_params, train_flops_per_token
+
+    assert text_matmul_params(preset("8b")) == 7_568_097_280
+    assert text_matmul_params(preset("4b")) == 4_022_272_000
+    assert text_matmul_params(preset("2b")) == 1_720_451_072
+    assert text_matmul_params(preset("30b-a3b")) == 3_041_656_832
+    # 8B training FLOPs/token at S = 4096: 49.03 G (causal), 52.66 G (full)
+    assert round(train_flops_per_token(preset("8b"), 4096) / 1e9, 2) == 49.03
+    assert round(train_flops_per_token(preset("8b"), 4096, causal=False) / 1e9, 2) == 52.66
+
+
+def test_greedy_decode_equals_argmax_of_full_forward():
+    from gsjax.models.qwen3_vl.forward import Runner
+
+    runner = Runner(_tiny())
+    grids = [(1, 4, 4)]
+    ids = R.image_prompt(grids, 200, 202, 203)[None]
+    arrays = {"input_ids": ids, "pixel_values": R.random_pixels(grids, runner.config.vision.patch_dim), "image_grid_thw": np.asarray(grids)}
+    new = runner.greedy(arrays, max_new_tokens=5)
+    for t in range(new.shape[1]):
+        full = runner.logits({**arrays, "input_ids": np.concatenate([ids, new[:, :t]], axis=1)})
+        assert full[0, -1].argmax() == new[0, t]
