@@ -16,8 +16,10 @@ app = typer.Typer(
 )
 
 
-from gsjax.eval.cli import eval_app  # noqa: E402  (sub-apps register at import time)
+from gsjax.agent.cli import agent_app  # noqa: E402  (sub-apps register at import time)
+from gsjax.eval.cli import eval_app  # noqa: E402
 
+app.add_typer(agent_app, name="agent", help="Run the search agent on a prompt (live trajectory, saved result).")
 app.add_typer(eval_app, name="eval", help="KnowGen and WISE evaluation: run, generate, judge, score, compare.")
 
 

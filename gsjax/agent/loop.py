@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from gsjax.agent.config import AgentConfig, public_dict
-from gsjax.agent.images import ImageRegistry, ImageStore, RegisteredImage, atomic_write_bytes, policy_view
+from gsjax.agent.images import ImageRegistry, ImageStore, RegisteredImage, policy_view
+from gsjax.fileio import atomic_write_bytes
 from gsjax.agent.policy import ImagePart, Message, Policy, PolicyLengthError, PolicyReply
 from gsjax.agent.prompts import final_step_notice, invalid_format_notice, system_prompt, too_long_notice
 from gsjax.agent.protocol import (

@@ -15,7 +15,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Protocol, TypeVar
 
-from gsjax.rewards.judge_client import atomic_write_text
+from gsjax.fileio import atomic_write_text
 
 Item = TypeVar("Item")
 

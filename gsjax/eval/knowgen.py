@@ -34,7 +34,7 @@ from gsjax.eval.records import (
 from gsjax.eval.report import write_comparison, write_report
 from gsjax.rewards.dual import ImageGenerator, generate_with_retries
 from gsjax.rewards.image_judge import ImageJudgeBackend
-from gsjax.rewards.judge_client import atomic_write_bytes
+from gsjax.fileio import atomic_write_bytes
 
 MESSAGE_CONTENT_MAX = 50_000
 MESSAGE_IMAGES_MAX = 10

@@ -14,7 +14,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from gsjax.eval.jsonl import write_json
 from gsjax.eval.kscore import DIMENSIONS, GROUPS
-from gsjax.rewards.judge_client import atomic_write_text
+from gsjax.fileio import atomic_write_text
 
 PALETTE = ((52, 101, 164), (204, 102, 0), (78, 154, 6), (117, 80, 123), (164, 0, 0), (32, 74, 135))
 _ROW_H, _BAR_H, _LABEL_W, _PLOT_W, _MARGIN = 8, 14, 230, 560, 16

@@ -15,7 +15,8 @@ from pathlib import Path
 from gsjax.eval.jsonl import RecordStore, StageProgress, run_resumable, write_json
 from gsjax.eval.records import BenchmarkItem, RecordError, read_records, sample_label
 from gsjax.eval.report import bar_chart
-from gsjax.rewards.judge_client import ImageSource, InvalidJudgeOutput, JudgeClient, JudgeRequest, JudgeResult, atomic_write_text
+from gsjax.rewards.judge_client import ImageSource, InvalidJudgeOutput, JudgeClient, JudgeRequest, JudgeResult
+from gsjax.fileio import atomic_write_text
 
 # prompt_id ranges of the six subsets (WISE's scoring scripts); sizes 400/167/133/100/100/100.
 SUBSETS: tuple[tuple[str, int, int], ...] = (

@@ -14,7 +14,6 @@ import json
 import os
 import random
 import re
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -24,6 +23,8 @@ from typing import Generic, TypeVar
 
 import httpx
 from PIL import Image, ImageOps
+
+from gsjax.fileio import atomic_write_text
 
 T = TypeVar("T")
 ImageSource = Path | bytes
@@ -177,25 +178,6 @@ def extract_json_object(text: str) -> dict:
     if not isinstance(obj, dict):
         raise ValueError(f"reply JSON is a {type(obj).__name__}, not an object")
     return obj
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write via a temp file in the same directory and rename: a kill leaves old or new, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 @dataclass

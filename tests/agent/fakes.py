@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import json
-import random
 import re
 import threading
 import time
@@ -19,8 +18,10 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+import numpy as np
 from PIL import Image
 
+from gsjax.agent.config import RetryConfig, Secret, ToolsConfig
 from gsjax.agent.policy import Message, PolicyReply
 from gsjax.agent.protocol import format_answer, format_tool_call
 
@@ -35,9 +36,8 @@ FAULTS = ("500", "429", "timeout", "slow", "garbage", "error_json")
 
 def make_jpeg(seed: int, size: tuple[int, int] = (96, 80), mode: str = "RGB", fmt: str = "JPEG") -> bytes:
     """A small noisy image (noise keeps files above the 1024-byte minimum)."""
-    rng = random.Random(seed)
-    img = Image.new(mode, size)
-    img.putdata([tuple(rng.randrange(256) for _ in mode) for _ in range(size[0] * size[1])])
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], len(mode)), dtype=np.uint8)
+    img = Image.fromarray(pixels if len(mode) > 1 else pixels[..., 0])
     buf = io.BytesIO()
     img.save(buf, format=fmt)
     return buf.getvalue()
@@ -94,7 +94,10 @@ class FakeWeb:
         self.hosted[name] = (data, ctype)
         return f"{self.base}/img/{name}"
 
-    def start(self) -> "FakeWeb":
+    def host_redirect(self, name: str, location: str) -> str:
+        return self.host_image(name, b"", f"redirect:{location}")
+
+    def start(self) -> FakeWeb:
         web = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -148,12 +151,17 @@ class FakeWeb:
             status, payload, ctype = getattr(self, f"_route_{route}")(h, path, body, fault)
         except Exception as exc:  # a bug in the fake: make it visible as a 599
             return self._send(h, 599, f"fake server error: {exc!r}".encode(), "text/plain")
+        if ctype.startswith("redirect:"):
+            return self._send(h, 302, b"", "text/plain", {"Location": ctype.removeprefix("redirect:")})
         self._send(h, status, payload, ctype)
 
     @staticmethod
-    def _send(h: BaseHTTPRequestHandler, status: int, payload: bytes, ctype: str) -> None:
+    def _send(h: BaseHTTPRequestHandler, status: int, payload: bytes, ctype: str,
+              headers: dict[str, str] | None = None) -> None:
         try:
             h.send_response(status)
+            for k, v in (headers or {}).items():
+                h.send_header(k, v)
             h.send_header("Content-Type", ctype)
             h.send_header("Content-Length", str(len(payload)))
             h.end_headers()
@@ -211,8 +219,8 @@ class FakeWeb:
         return self._json(chat_reply(self.summary(body["messages"][0]["content"]), "stop"))
 
     def _route_chat(self, h, path, body, fault):  # type: ignore[no-untyped-def]
-        if h.headers.get("Authorization") != f"Bearer {POLICY_KEY}":
-            return self._json({"error": {"message": "bad policy key"}}, 401)
+        if (auth := h.headers.get("Authorization")) != f"Bearer {POLICY_KEY}":
+            return self._json({"error": {"message": f"invalid credentials {auth}"}}, 401)
         assert self.policy_script is not None, "no policy script installed"
         text, finish = self.policy_script(body["messages"], body)
         if text == "__CONTEXT_OVERFLOW__":
@@ -292,3 +300,20 @@ class ScriptedPolicy:
 
 def http_script(steps: Sequence[Step], finish: str = "stop") -> Script:
     return lambda messages, payload: (step_text(steps, messages), finish)
+
+
+# ---------------------------------------------------------------------- configs
+
+FAST_RETRY = RetryConfig(max_attempts=3, base_delay_s=0.01, max_delay_s=0.05, request_timeout_s=0.6, deadline_s=5.0)
+
+
+def serper_config(web: FakeWeb, **overrides: object) -> ToolsConfig:
+    base = dict(
+        backend="serper", serper_key=Secret(SERPER_KEY), text_search_url=f"{web.base}/serper/search",
+        image_search_url=f"{web.base}/serper/images", jina_keys=Secret(",".join(JINA_KEYS)),
+        jina_base_url=f"{web.base}/jina", summary_base_url=f"{web.base}/v1", summary_model=SUMMARY_MODEL,
+        summary_api_key=Secret(SUMMARY_KEY), allow_private_urls=True, retry=FAST_RETRY,
+        download_retry=FAST_RETRY, summary_retry=FAST_RETRY, reader_retry=FAST_RETRY, tool_deadline_s=10.0,
+        browse_deadline_s=10.0)
+    base.update(overrides)
+    return ToolsConfig(**base)  # type: ignore[arg-type]

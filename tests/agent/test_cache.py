@@ -9,8 +9,6 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import serper_config
-from gsjax_agent_fakes import FakeWeb, ScriptedPolicy, make_jpeg, research_steps
 
 from gsjax.agent.config import AgentConfig, ToolsConfig
 from gsjax.agent.images import ImageStore
@@ -18,6 +16,7 @@ from gsjax.agent.loop import EpisodeResult, Task, run_episode
 from gsjax.agent.tools import CacheMiss, CallResult, open_toolset
 from gsjax.agent.tools.base import ImageHit, ToolContext, ToolOutput
 from gsjax.agent.tools.cache import CacheCorrupt, ToolCache, cache_key
+from tests.agent.fakes import FakeWeb, ScriptedPolicy, make_jpeg, research_steps, serper_config
 
 PAGE_URL = "https://news.example/eiffel"
 

@@ -8,10 +8,9 @@ import threading
 from pathlib import Path
 
 import pytest
-from gsjax_agent_fakes import make_jpeg
 from PIL import Image
 
-from gsjax.agent.config import AgentConfig, ToolsConfig
+from gsjax.agent.config import AgentConfig, ToolsConfig, agent_config_from_env, public_dict, tools_config_from_env
 from gsjax.agent.images import (
     ImageDecodeError,
     ImageRegistry,
@@ -25,6 +24,7 @@ from gsjax.agent.prompts import final_step_notice, invalid_format_notice, system
 from gsjax.agent.tools.browse import browse_schema
 from gsjax.agent.tools.image_search import image_search_schema
 from gsjax.agent.tools.search import search_schema
+from tests.agent.fakes import make_jpeg
 
 
 @pytest.mark.parametrize("h, w", [(64, 64), (1000, 3000), (4000, 4000), (33, 1700), (480, 640)])
@@ -138,6 +138,21 @@ def test_notices_carry_their_trigger_words() -> None:
     assert "RESPONSE TOO LONG" in too_long_notice() and "TRUNCATED" in too_long_notice()
     bad = invalid_format_notice("the response was empty")
     assert "<tool_response>" not in bad and "invalid format" in bad and "not both" in bad and "the response was empty" in bad
+
+
+def test_env_configs_and_secret_hiding() -> None:
+    env = {"SERPER_KEY_ID": "sk-serper-1234", "JINA_API_KEYS": " j1-key-aaaa, j2-key-bbbb ,",
+           "MAX_LLM_CALL_PER_RUN": "0", "GEN_MAX_NEW_TOKENS_PER_TURN": "512", "QWEN_VL_MAX_PIXELS": "200704",
+           "TEXT_SEARCH_API_BASE_URL": "https://search.example/s"}
+    tools = tools_config_from_env(env, backend="local")
+    assert tools.jina_keys.keys() == ("j1-key-aaaa", "j2-key-bbbb") and tools.backend == "local"
+    assert tools.text_search_url == "https://search.example/s"
+    agent = agent_config_from_env(env, date="2030-01-02")
+    assert (agent.max_llm_calls, agent.max_new_tokens_per_turn, agent.image_max_pixels) == (1, 512, 200704)
+    shown = repr(tools) + str(tools.serper_key) + json.dumps(public_dict(tools))
+    assert "sk-serper" not in shown and "j1-key" not in shown and public_dict(tools)["serper_key"] == "<set>"
+    with pytest.raises(ValueError, match="GEN_MAX_NEW_TOKENS_PER_TURN='lots'"):
+        agent_config_from_env({"GEN_MAX_NEW_TOKENS_PER_TURN": "lots"})
 
 
 def test_agent_config_validates() -> None:

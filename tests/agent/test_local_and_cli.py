@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import typer
-from gsjax_agent_fakes import FakeWeb, http_script, research_steps
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -18,6 +17,7 @@ from gsjax.agent.images import ImageStore
 from gsjax.agent.tools import CallResult, open_toolset
 from gsjax.agent.tools.base import ToolContext
 from gsjax.agent.tools.local import BUILTIN_CORPUS, CorpusFormatError, LocalCorpus
+from tests.agent.fakes import FakeWeb, http_script, research_steps
 
 POLICY_KEY_ENV = "GSJAX_POLICY_API_KEY"
 
@@ -74,7 +74,7 @@ def _app() -> typer.Typer:
 
 
 def test_cli_runs_an_offline_episode_and_saves_it(web: FakeWeb, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from gsjax_agent_fakes import POLICY_KEY
+    from tests.agent.fakes import POLICY_KEY
 
     monkeypatch.setenv(POLICY_KEY_ENV, POLICY_KEY)
     web.policy_script = http_script(research_steps("https://kb.gsjax.example/eiffel-tower"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import logging
@@ -12,8 +13,13 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import serper_config
-from gsjax_agent_fakes import (
+
+from gsjax.agent.config import AgentConfig, PolicyConfig, Secret, ToolsConfig
+from gsjax.agent.loop import EpisodeResult, Task, run_episode, run_episodes
+from gsjax.agent.policy import Message, OpenAIChatPolicy, PolicyLengthError, PolicyReply
+from gsjax.agent.protocol import format_answer, format_tool_call
+from gsjax.agent.tools import open_toolset
+from tests.agent.fakes import (
     JINA_KEYS,
     POLICY_KEY,
     SERPER_KEY,
@@ -25,13 +31,8 @@ from gsjax_agent_fakes import (
     http_script,
     make_jpeg,
     research_steps,
+    serper_config,
 )
-
-from gsjax.agent.config import AgentConfig, PolicyConfig, ToolsConfig
-from gsjax.agent.loop import EpisodeResult, Task, run_episode, run_episodes
-from gsjax.agent.policy import Message, OpenAIChatPolicy, PolicyLengthError, PolicyReply
-from gsjax.agent.protocol import format_answer, format_tool_call
-from gsjax.agent.tools import open_toolset
 
 PAGE_URL = "https://news.example/eiffel"
 
@@ -214,6 +215,14 @@ def test_dispatch_failures_use_the_spec_wordings(tmp_path: Path) -> None:
     assert r.termination == "answer"
 
 
+def test_empty_image_search_reaches_the_model_as_is(tmp_path: Path) -> None:
+    r = run_local([format_tool_call("image_search", {"query": "xylophone"}, think="t"), answer_with_first_image],
+                  tmp_path)
+    obs = user_texts(r)[0]
+    assert obs.startswith("<tool_response>\nNo usable images were found for [xylophone].")
+    assert not r.messages[3].images and r.termination == "answer"
+
+
 def test_policy_exceptions_never_escape(tmp_path: Path) -> None:
     class Raising:
         def __init__(self, exc: Exception):
@@ -263,7 +272,7 @@ def test_twenty_concurrent_episodes_keep_their_own_images(web: FakeWeb, policy_c
     results = asyncio.run(main())
     assert 1 < peak <= 6
     assert len({r.directory for r in results}) == 20
-    for s, r in zip(subjects, results):
+    for s, r in zip(subjects, results, strict=True):
         assert r.termination == "answer"
         assert r.prediction["reference_images"][0]["title"] == f"pic {s}0"
         folder = Path(r.directory) / "images"
@@ -303,3 +312,12 @@ def test_api_keys_never_reach_logs_or_results(web: FakeWeb, policy_cfg: PolicyCo
     for key in (SERPER_KEY, *JINA_KEYS, SUMMARY_KEY, POLICY_KEY):
         for blob in blobs:
             assert key not in blob
+
+
+def test_a_policy_server_echoing_the_key_does_not_leak_it(web: FakeWeb, policy_cfg: PolicyConfig,
+                                                           tools_cfg: ToolsConfig, agent_cfg: AgentConfig,
+                                                           tmp_path: Path) -> None:
+    wrong = dataclasses.replace(policy_cfg, api_key=Secret("policy-WRONG-secret-0000"))
+    r = run_http(web, wrong, tools_cfg, agent_cfg, [answer_with_first_image], tmp_path, "echo")
+    assert r.termination == "error" and "invalid credentials Bearer ***" in r.prediction["error"]
+    assert "policy-WRONG-secret-0000" not in (Path(r.directory) / "result.json").read_text()

@@ -8,7 +8,6 @@ import random
 from pathlib import Path
 
 import pytest
-from gsjax_agent_fakes import ScriptedPolicy, answer_with_first_image
 
 from gsjax.agent.config import AgentConfig, ToolsConfig
 from gsjax.agent.loop import TERMINATIONS, Task, run_episode
@@ -27,6 +26,7 @@ from gsjax.agent.protocol import (
     resolve_answer,
 )
 from gsjax.agent.tools import open_toolset
+from tests.agent.fakes import ScriptedPolicy, answer_with_first_image
 
 CALL = format_tool_call("search", {"queries": ["eiffel tower"]}, think="plan")
 ANSWER = format_answer("the first reference image", [{"img_id": "IMG_001", "note": "n"}], think="done")
@@ -121,7 +121,7 @@ _SEEDS = [CALL, ANSWER, format_tool_call("image_search", {"query": "eiffel tower
           format_tool_call("browse", {"url": "https://kb.gsjax.example/eiffel-tower", "query": "q"}, think="b")]
 _JUNK = ["<tool_call>", "</tool_call>", "<answer>", "</answer>", "<think>", "</think>", "<tool_response>", "{", "}",
          "[", "]", '"', ",", ":", "\n", "IMG_999", "null", "\\", "\x00", "🙂", '"name"', '"arguments"', "top_k",
-         '"unknown_tool"', "1e999", "NaN"]
+         '"unknown_tool"', "1e999", "NaN", '"' + "9" * 5000 + '"']
 
 
 def mutate(text: str, rng: random.Random) -> str:

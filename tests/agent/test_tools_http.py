@@ -8,14 +8,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import serper_config
-from gsjax_agent_fakes import JINA_KEYS, SERPER_KEY, FakeWeb, make_jpeg
 from PIL import Image
 
 from gsjax.agent.config import Secret, ToolsConfig
 from gsjax.agent.images import ImageStore
 from gsjax.agent.tools import CallResult, open_toolset
 from gsjax.agent.tools.base import ToolContext, ToolRefused, check_url_syntax, guard_url
+from tests.agent.fakes import JINA_KEYS, SERPER_KEY, FakeWeb, make_jpeg, serper_config
 
 
 def call(cfg: ToolsConfig, name: str, raw: dict[str, Any], store_dir: Path) -> CallResult:
@@ -164,6 +163,24 @@ def test_image_download_faults_retry_then_note(web: FakeWeb, tools_cfg: ToolsCon
     web.inject("img", "garbage", "garbage", "garbage", "garbage", "garbage", "garbage")
     r = call(tools_cfg, "image_search", {"query": "eiffel", "top_k": 2}, tmp_path)
     assert not r.output.hits and "not an image" in r.output.text
+
+
+def test_image_redirects_are_followed_and_each_hop_is_guarded(web: FakeWeb, tools_cfg: ToolsConfig, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    target = web.host_image("private.jpg", make_jpeg(60))
+    web.image_items["hop"] = [{"title": "hop", "imageUrl": web.host_redirect("hop.jpg", "/img/private.jpg")}]
+    r = call(tools_cfg, "image_search", {"query": "hop"}, tmp_path)
+    assert [h.title for h in r.output.hits] == ["hop"]  # relative Location resolved and followed
+
+    async def refuse_private(url: str, allow_private: bool) -> None:
+        if url == target:
+            raise ToolRefused(f"URL {url!r} refused: test says private")
+
+    monkeypatch.setattr("gsjax.agent.tools.image_search.guard_url", refuse_private)
+    served = web.count("img")
+    r = call(tools_cfg, "image_search", {"query": "hop"}, tmp_path)
+    assert not r.output.hits and "1x refused" in r.output.text
+    assert web.count("img") == served + 1  # the redirect target was never fetched
 
 
 # ---------------------------------------------------------------------- browse

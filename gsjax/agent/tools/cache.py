@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from gsjax.agent.config import CACHE_MODES
-from gsjax.agent.images import ImageStore, atomic_write_bytes
+from gsjax.agent.images import ImageStore
+from gsjax.fileio import atomic_write_bytes
 from gsjax.agent.tools.base import CacheMiss, ToolError, ToolOutput
 
 SCHEMA_VERSION = 1
