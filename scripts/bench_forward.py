@@ -22,39 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-WORKLOADS = {
-    # perf-notes.md: hidden 256, 4 layers, 8/4 heads, hd 32, SwiGLU 768, vocab 4096
-    "cpu-small": dict(vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
-                      num_attention_heads=8, num_key_value_heads=4, head_dim=32,
-                      rope_parameters={"rope_type": "default", "rope_theta": 5e6, "mrope_section": [8, 4, 4],
-                                       "mrope_interleaved": True}),
-    # spec §7 anchor: Qwen3-8B-shaped decoder cut to 8 layers, untied
-    "8b-8layers": dict(vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=8,
-                       num_attention_heads=32, num_key_value_heads=8, head_dim=128,
-                       rope_parameters={"rope_type": "default", "rope_theta": 5e6, "mrope_section": [24, 20, 20],
-                                        "mrope_interleaved": True}),
-}
-NOMINAL_BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
-
-
-def build_checkpoint(workload: str, directory: Path, dtype: str) -> Path:
-    from gsjax.models.qwen3_vl import reference as R
-
-    text = {**WORKLOADS[workload], "max_position_embeddings": 262144}
-    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=4, patch_size=16,
-                  out_hidden_size=text["hidden_size"], num_position_embeddings=64, deepstack_visual_indexes=[0])
-    ids = {} if text["vocab_size"] > 151656 else dict(image_token_id=4000, video_token_id=4001,
-                                                       vision_start_token_id=4002, vision_end_token_id=4003)
-    return R.build_tiny_hf(directory, text=text, vision=vision, ids=ids, dtype=dtype)
-
-
-def time_steps(step, warmup: int, steps: int) -> float:
-    for _ in range(warmup):
-        step()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    return (time.perf_counter() - start) / steps
+from gsjax.benchmarking import WORKLOADS, build_checkpoint, peak_flops, time_steps
 
 
 def bench_gsjax(ckpt: Path, ids: np.ndarray, dtype: str, warmup: int, steps: int, attention: str) -> dict:
@@ -118,12 +86,6 @@ def bench_torch(ckpt: Path, ids: np.ndarray, dtype: str, warmup: int, steps: int
     seconds = time_steps(step, warmup, steps)
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     return {"seconds_per_step": seconds, "loss": loss, "device": name, "threads": torch.get_num_threads()}
-
-
-def peak_flops(device_name: str, override: float | None) -> float | None:
-    if override:
-        return override * 1e12
-    return next((v for k, v in NOMINAL_BF16_PEAK.items() if k in device_name), None)
 
 
 def main() -> None:

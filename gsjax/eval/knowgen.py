@@ -8,17 +8,15 @@ generator come in through narrow protocols so tests and other systems can stand 
 
 from __future__ import annotations
 
-import base64
 import io
 import json
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-import httpx
 from PIL import Image
 
 from gsjax.eval.jsonl import RecordStore, StageProgress, record_key, run_resumable, write_json
@@ -32,6 +30,7 @@ from gsjax.eval.records import (
     resolve_path,
 )
 from gsjax.eval.report import write_comparison, write_report
+from gsjax.imagegen.client import ImageServerClient
 from gsjax.rewards.dual import ImageGenerator, generate_with_retries
 from gsjax.rewards.image_judge import ImageJudgeBackend
 from gsjax.fileio import atomic_write_bytes
@@ -133,51 +132,9 @@ def run_stage(
 # ---------------------------------------------------------------- generate
 
 
-class GenerationFailed(RuntimeError):
-    """The generator answered, but without an image."""
-
-
-@dataclass
-class HttpImageGenerator:
-    """Client of the gsjax image server (agent.md §6.1): POST /generate, base64 PNG back."""
-
-    base_url: str
-    timeout_s: float = 1800.0
-    seed: int = 0
-    num_inference_steps: int = 40
-    true_cfg_scale: float = 4.0
-    negative_prompt: str = " "
-    guidance_scale: float = 1.0
-    _http: httpx.Client = field(init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        self._http = httpx.Client(timeout=httpx.Timeout(self.timeout_s))
-
-    def generate(self, prompt: str, images: Sequence[bytes]) -> bytes:
-        payload = {
-            "prompt": prompt,
-            "image_urls": [_data_url(b) for b in images],
-            "seed": self.seed,
-            "true_cfg_scale": self.true_cfg_scale,
-            "negative_prompt": self.negative_prompt,
-            "num_inference_steps": self.num_inference_steps,
-            "guidance_scale": self.guidance_scale,
-            "num_images_per_prompt": 1,
-        }
-        response = self._http.post(self.base_url.rstrip("/") + "/generate", json=payload)
-        if response.status_code != 200:
-            raise GenerationFailed(f"HTTP {response.status_code}: {response.text[:300]}")
-        body = response.json()
-        if not body.get("success") or not body.get("image"):
-            raise GenerationFailed(str(body.get("message") or "success: false without a message"))
-        image = str(body["image"])
-        return base64.b64decode(image.split(",", 1)[1] if image.startswith("data:") else image)
-
-
-def _data_url(data: bytes) -> str:
-    with Image.open(io.BytesIO(data)) as img:
-        fmt = (img.format or "jpeg").lower()
-    return f"data:image/{fmt};base64," + base64.b64encode(data).decode("ascii")
+HttpImageGenerator = ImageServerClient
+"""The image-server client (agent.md §6.1): `HttpImageGenerator(url).generate(prompt, refs)`; the name is
+kept for the eval CLI. Other backends: `gsjax.imagegen.client.make_image_generator`."""
 
 
 def choose_generation_input(row: Mapping, base_dir: Path, max_images: int, direct: bool) -> tuple[str, list[Path]]:

@@ -13,12 +13,17 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from gsjax.parallel.sharding import constrain
+
 from .attention import cached_mask, causal_mask
 from .config import Qwen3VLConfig
 from .layers import RMSNorm, dtype_of, make_param, remat_policy
 from .rope import get_rope_index, mrope_cos_sin
 from .text import DecoderLayer, LayerCache, RouterStats
 from .vision import VisionInputs, VisionTower, vision_inputs
+
+
+RESIDUAL = ("act_batch", "act_length", "act_embed")
 
 
 @jax.tree_util.register_dataclass
@@ -72,13 +77,16 @@ class Qwen3VL(nnx.Module):
         With `cache`, the L new tokens are written after each row's cached tokens and attend to them.
         """
         cfg = self.config
-        x = self.embed_tokens[...].astype(self.dtype)[input_ids]
+        # FSDP gathers the table's embed dim for the lookup; the vocab dim may stay tensor-sharded.
+        table = constrain(self.embed_tokens[...].astype(self.dtype), ("vocab", None))
+        x = table[input_ids]
         deepstack: list[jax.Array] = []
         visual_mask = None
         if vision is not None:
             image_embeds, deepstack = self.visual(vision)
             visual_mask = (input_ids == cfg.image_token_id) | (input_ids == cfg.video_token_id)
             x = scatter_visual(x, visual_mask, image_embeds)
+        x = constrain(x, RESIDUAL)
         cos, sin = mrope_cos_sin(positions, cfg.text.head_dim, cfg.text.rope_theta, cfg.text.mrope_section,
                                  self.dtype)
         cache_offsets = None
@@ -93,6 +101,7 @@ class Qwen3VL(nnx.Module):
             x, layer_cache, stats = _run_layer(
                 layer, x, cos, sin, mask, attention_mask, layer_cache, cache_offsets,
                 remat_policy(cfg.runtime.remat_for_layer(i, cfg.text.num_hidden_layers)))
+            x = constrain(x, RESIDUAL)
             new_layer_caches.append(layer_cache)
             if stats is not None:
                 router = stats if router is None else jax.tree.map(jnp.add, router, stats)
@@ -100,7 +109,7 @@ class Qwen3VL(nnx.Module):
                 x = scatter_visual(x, visual_mask, deepstack[i], add=True)
         hidden = self.norm(x)
         head = (self.embed_tokens[...].T if self.lm_head is None else self.lm_head[...]).astype(self.dtype)
-        logits = hidden @ head
+        logits = constrain(hidden @ head, ("act_batch", "act_length", "act_vocab"))
         if cache is not None:
             cache = DecodeCache(layers=new_layer_caches, kv_valid=cache.kv_valid, lengths=cache.lengths)
         return ModelOutput(logits=logits, cache=cache, router=router, hidden=hidden if return_hidden else None)

@@ -9,10 +9,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from gsjax.parallel.sharding import constrain
+
 from .attention import AttentionMask, attend
 from .config import Qwen3VLConfig, TextConfig
 from .layers import Dense, RMSNorm, make_param
 from .rope import apply_rotary
+
+
+HEADS = ("act_batch", "act_length", "act_heads", None)
 
 
 @jax.tree_util.register_dataclass
@@ -61,6 +66,8 @@ class Attention(nnx.Module):
         k = self.k_norm(jnp.einsum("bld,dnk->blnk", x, self.k_proj[...].astype(dt)))
         v = jnp.einsum("bld,dnk->blnk", x, self.v_proj[...].astype(dt))
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q = constrain(q, HEADS)
+        k, v = constrain(k, HEADS), constrain(v, HEADS)
         if cache is not None:
             cache = write_cache(cache, k, v, cache_offsets)
             k, v = cache.k.astype(dt), cache.v.astype(dt)
@@ -75,7 +82,8 @@ class MLP(nnx.Module):
         self.down_proj = Dense(inner, hidden, ("mlp", "embed"), param_dtype, rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        hidden = constrain(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x), ("act_batch", "act_length", "act_mlp"))
+        return self.down_proj(hidden)
 
 
 class MoE(nnx.Module):

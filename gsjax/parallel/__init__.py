@@ -1,0 +1,1 @@
+"""Mesh construction and logical-axis sharding rules."""

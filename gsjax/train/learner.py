@@ -1,0 +1,124 @@
+"""The jitted, sharded learner step: gradients of a (sum, denominator) loss, accumulation, optimizer update.
+
+`step(state, batch)` is one pure function under `jax.jit` with explicit in/out shardings and a donated
+state. With gradient accumulation, `grad(state, micro_batch)` runs per micro-batch (each may have its own
+length bucket) and `apply(state, grad_sum, denominator)` finishes the update; the result equals one big
+batch because gradients of loss *sums* are added and divided once by the total denominator.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from gsjax.models.qwen3_vl.model import Qwen3VL
+from gsjax.models.qwen3_vl.vision import VisionInputs
+from gsjax.parallel.sharding import batch_sharding, logical_sharding
+
+from .losses import token_cross_entropy
+from .state import ShardedSetup, TrainState
+
+Batch = Mapping[str, Any]
+LossFn = Callable[[Qwen3VL, Batch], tuple[jax.Array, jax.Array]]
+
+
+def sft_loss(model: Qwen3VL, batch: Batch) -> tuple[jax.Array, jax.Array]:
+    """Masked next-token cross-entropy: (Σ NLL over target tokens, number of target tokens)."""
+    out = model(batch["input_ids"], batch["positions"], batch["attention_mask"], batch.get("vision"))
+    return token_cross_entropy(out.logits, batch["targets"], batch["target_mask"])
+
+
+def device_batch(batch: Batch) -> dict[str, Any]:
+    """The array part of a host batch, with `vision` as VisionInputs (or None)."""
+    keys = ("input_ids", "attention_mask", "targets", "target_mask", "positions")
+    out: dict[str, Any] = {k: batch[k] for k in keys}
+    vision = batch.get("vision")
+    out["vision"] = None if vision is None else (vision if isinstance(vision, VisionInputs)
+                                                 else VisionInputs(**vision))
+    return out
+
+
+class Learner:
+    def __init__(self, setup: ShardedSetup, optimizer: optax.GradientTransformation,
+                 loss_fn: LossFn = sft_loss):
+        self.setup = setup
+        self.optimizer = optimizer
+        self.loss_fn = loss_fn
+        shardings = setup.state_shardings
+        self._grad = jax.jit(self._grad_fn, out_shardings=(shardings["params"], None, None))
+        self._apply = jax.jit(self._apply_fn, out_shardings=(shardings, None), donate_argnums=(0,))
+        self._step = jax.jit(self._step_fn, out_shardings=(shardings, None), donate_argnums=(0,))
+
+    # ---------------------------------------------------------------- pure functions
+    def _loss(self, params, frozen, batch):
+        model = nnx.merge(self.setup.graphdef, params, frozen)
+        with logical_sharding(self.setup.mesh, self.setup.rules):
+            return self.loss_fn(model, batch)
+
+    def _value_and_grad(self, state: TrainState, batch: Batch):
+        def summed(params):
+            return self._loss(params, state["frozen"], batch)
+
+        return jax.value_and_grad(summed, has_aux=True)(state["params"])
+
+    def _grad_fn(self, state: TrainState, batch: Batch):
+        (loss_sum, denom), grads = self._value_and_grad(state, batch)
+        return grads, loss_sum, denom
+
+    def _apply_fn(self, state: TrainState, grad_sum, loss_sum, denom):
+        scale = 1.0 / jnp.maximum(denom, 1.0)
+        grads = jax.tree.map(lambda g: g * scale.astype(g.dtype), grad_sum)
+        updates, opt_state = self.optimizer.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        new_state = {**state, "params": params, "opt_state": opt_state, "step": state["step"] + 1}
+        metrics = {"loss": loss_sum * scale, "grad_norm": optax.tree.norm(grads), "tokens": denom}
+        return new_state, metrics
+
+    def _step_fn(self, state: TrainState, batch: Batch):
+        (loss_sum, denom), grads = self._value_and_grad(state, batch)
+        return self._apply_fn(state, grads, loss_sum, denom)
+
+    # ---------------------------------------------------------------- host API
+    def shard_batch(self, batch: Batch) -> dict[str, Any]:
+        """Place a host batch on the mesh: token arrays split over the batch axes, vision rows replicated."""
+        mesh, rules = self.setup.mesh, self.setup.rules
+        batch = device_batch(batch)
+        batch_size = batch["input_ids"].shape[0]
+        spec = batch_sharding(mesh, 2, rules).spec
+        axes = spec[0] if len(spec) else None
+        axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+        parts = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+        if batch_size % parts:
+            raise ValueError(f"batch size {batch_size} is not divisible by the {parts} devices of the batch axes "
+                             f"{axes} of mesh {dict(mesh.shape)}")
+        out = {k: jax.device_put(v, batch_sharding(mesh, v.ndim, rules)) for k, v in batch.items()
+               if k not in ("positions", "vision")}
+        out["positions"] = jax.device_put(batch["positions"], batch_sharding(mesh, 3, rules, batch_dim=1))
+        replicated = NamedSharding(mesh, PartitionSpec())
+        out["vision"] = None if batch["vision"] is None else jax.device_put(batch["vision"], replicated)
+        return out
+
+    def step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+        return self._step(state, self.shard_batch(batch))
+
+    def accumulate(self, state: TrainState, micro_batches: Iterable[Batch]
+                   ) -> tuple[TrainState, dict[str, jax.Array]]:
+        """One optimizer update from several micro-batches (equal to one step on their union)."""
+        grad_sum = loss_sum = denom = None
+        for micro in micro_batches:
+            grads, ls, d = self._grad(state, self.shard_batch(micro))
+            if grad_sum is None:
+                grad_sum, loss_sum, denom = grads, ls, d
+            else:
+                grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
+                loss_sum, denom = loss_sum + ls, denom + d
+        if grad_sum is None:
+            raise ValueError("accumulate() got no micro-batches")
+        return self._apply(state, grad_sum, loss_sum, denom)

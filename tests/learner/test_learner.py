@@ -1,0 +1,188 @@
+"""The sharded learner: layouts agree with one device, accumulation equals one batch, SFT loss and
+gradients equal transformers', frozen params stay frozen."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from gsjax.models.qwen3_vl import reference as R
+from gsjax.models.qwen3_vl.config import preset
+from gsjax.models.qwen3_vl.model import prepare_inputs
+from gsjax.parallel.mesh import MeshConfig, build_mesh
+from gsjax.parallel.sharding import ShardingError
+from gsjax.train.learner import Learner
+from gsjax.train.state import OptimizerSettings, init_state, make_optimizer, state_shardings
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+GRIDS = [(1, 4, 4)]
+NEEDS_8 = pytest.mark.skipif(jax.device_count() < 8, reason="needs XLA_FLAGS=--xla_force_host_platform_device_count=8")
+
+
+def tiny_config(moe: bool = False):
+    cfg = preset("tiny-moe" if moe else "tiny")
+    return dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, vocab_size=256), image_token_id=200,
+                               video_token_id=201, vision_start_token_id=202, vision_end_token_id=203)
+
+
+def make_batch(config, rows: int, seed: int = 0, length: int = 24) -> dict:
+    """Rows of random text; row 0 carries an image; the last 40 % of each row is the 'assistant' part."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, 190, size=(rows, length))
+    img = R.image_prompt(GRIDS, 200, 202, 203, text_ids=(5, 6, 7))
+    ids[0, 2:2 + img.size] = img
+    mask = np.ones_like(ids, dtype=bool)
+    mask[-1, -3:] = False  # right padding in the last row
+    ids[-1, -3:] = 0
+    assistant = np.zeros_like(ids, dtype=bool)
+    assistant[:, int(length * 0.6):] = True
+    assistant &= mask
+    pv = R.random_pixels(GRIDS, config.vision.patch_dim, seed)
+    inp = prepare_inputs(config, ids, mask, pv, np.asarray(GRIDS))
+    targets = np.concatenate([ids[:, 1:], np.zeros((rows, 1), ids.dtype)], axis=1).astype(np.int32)
+    target_mask = np.concatenate([assistant[:, 1:], np.zeros((rows, 1), bool)], axis=1).astype(np.float32)
+    return {"input_ids": inp["input_ids"], "attention_mask": mask, "positions": inp["positions"],
+            "targets": targets, "target_mask": target_mask, "vision": inp["vision"]}
+
+
+def make_learner(config, mesh_cfg: MeshConfig, freeze=("visual",), steps: int = 10):
+    # eps=1e-4: Adam's first step is ~lr·sign(g), which would amplify float-rounding noise in
+    # near-zero gradients into lr-sized differences between layouts; a larger eps keeps it linear there.
+    settings = OptimizerSettings(lr=1e-2, weight_decay=0.01, eps=1e-4, warmup_steps=0, total_steps=steps)
+    optimizer = make_optimizer(settings)
+    mesh = build_mesh(mesh_cfg, jax.devices()[: _size(mesh_cfg)])
+    setup = state_shardings(config, freeze, optimizer, mesh)
+    return Learner(setup, optimizer), init_state(config, freeze, optimizer, setup, seed=0)
+
+
+def _size(mesh_cfg: MeshConfig) -> int:
+    return int(np.prod([max(getattr(mesh_cfg, a), 1) for a in ("data", "fsdp", "expert", "tensor")]))
+
+
+def _host(tree):
+    return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
+
+
+_REFERENCE_RUNS: dict = {}
+
+
+def _reference_run(config, batches):
+    """The 1-device run, computed once per model kind for all layouts."""
+    key = config.text.num_experts
+    if key not in _REFERENCE_RUNS:
+        _REFERENCE_RUNS[key] = _run(config, MeshConfig(fsdp=1), batches)
+    return _REFERENCE_RUNS[key]
+
+
+def _run(config, mesh_cfg, batches):
+    learner, state = make_learner(config, mesh_cfg)
+    losses = []
+    for b in batches:
+        state, metrics = learner.step(state, b)
+        losses.append(float(metrics["loss"]))
+    return losses, _host(state["params"])
+
+
+def _max_diff(a, b) -> float:
+    return max(jax.tree.leaves(jax.tree.map(lambda x, y: float(np.abs(x - y).max()), a, b)))
+
+
+@NEEDS_8
+@pytest.mark.parametrize("moe,layout", [
+    (False, MeshConfig(fsdp=8)),
+    (False, MeshConfig(fsdp=4, tensor=2)),
+    (False, MeshConfig(data=2, fsdp=4)),
+    (True, MeshConfig(expert=2, fsdp=4)),
+])
+def test_sharded_steps_match_one_device(moe, layout):
+    """Two optimizer steps on one batch: loss and updated params equal the 1-device run (fp32, ≤ 2e-5 abs)."""
+    config = tiny_config(moe)
+    batches = [make_batch(config, 8, seed=0)] * 2
+    ref_losses, ref_params = _reference_run(config, batches)
+    losses, params = _run(config, layout, batches)
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+    assert _max_diff(params, ref_params) < 2e-5
+    assert ref_losses[1] < ref_losses[0]
+
+
+def test_accumulation_equals_one_big_batch():
+    config = tiny_config()
+    big = make_batch(config, 4, seed=3)
+    halves = [{k: (v if k == "vision" else (v[:, :2] if k == "positions" else v[:2])) for k, v in big.items()},
+              {k: (None if k == "vision" else (v[:, 2:] if k == "positions" else v[2:])) for k, v in big.items()}]
+    learner, state = make_learner(config, MeshConfig(fsdp=1))
+    one, m1 = learner.step(jax.tree.map(jnp.copy, state), big)
+    acc, m2 = learner.accumulate(state, halves)
+    np.testing.assert_allclose(float(m1["loss"]), float(m2["loss"]), rtol=1e-6)
+    assert float(m1["tokens"]) == float(m2["tokens"]) == float(big["target_mask"].sum())
+    assert _max_diff(_host(one["params"]), _host(acc["params"])) < 5e-6  # a few fp32 ulps of params ~1
+
+
+def test_frozen_vision_gets_no_optimizer_state_and_does_not_move():
+    config = tiny_config()
+    learner, state = make_learner(config, MeshConfig(fsdp=1))
+    assert all(not p.startswith("visual") for p in _paths(state["params"]))
+    assert any(p.startswith("visual") for p in _paths(state["frozen"]))
+    opt_leaves = sum(x.size for x in jax.tree.leaves(state["opt_state"]))
+    trainable = sum(x.size for x in jax.tree.leaves(state["params"]))
+    assert opt_leaves < 2 * trainable + 16  # two Adam moments of trainable params only (+ counters)
+    before = _host(state["frozen"])
+    state, _ = learner.step(state, make_batch(config, 2))
+    assert _max_diff(before, _host(state["frozen"])) == 0.0
+
+
+def _paths(state) -> list[str]:
+    return [".".join(map(str, p)) for p, _ in nnx.to_flat_state(state)]
+
+
+def test_sft_loss_and_gradients_equal_transformers(tmp_path):
+    """Same tiny checkpoint and batch: HF loss with labels -100 on masked tokens, and its gradients."""
+    import torch
+
+    from gsjax.models.qwen3_vl.checkpoint import hf_rules, load_hf
+    from gsjax.train.learner import sft_loss
+
+    hf_dir = R.build_tiny_hf(tmp_path / "hf", seed=4)
+    model = load_hf(hf_dir)
+    batch = make_batch(model.config, 2, seed=1)
+    hf = R.load_hf_model(hf_dir)
+    labels = np.where(np.concatenate([np.zeros((2, 1)), batch["target_mask"][:, :-1]], 1) > 0,
+                      batch["input_ids"], -100)
+    pv = torch.as_tensor(np.asarray(R.random_pixels(GRIDS, model.config.vision.patch_dim, 1)))
+    out = hf(input_ids=torch.as_tensor(batch["input_ids"], dtype=torch.long),
+             attention_mask=torch.as_tensor(batch["attention_mask"], dtype=torch.long),
+             position_ids=torch.as_tensor(batch["positions"], dtype=torch.long), pixel_values=pv,
+             image_grid_thw=torch.as_tensor(GRIDS), labels=torch.as_tensor(labels, dtype=torch.long))
+    out.loss.backward()
+
+    def mean_loss(m):
+        s, d = sft_loss(m, batch)
+        return s / d
+
+    loss, grads = nnx.value_and_grad(mean_loss)(model)
+    assert abs(float(loss) - float(out.loss)) < 1e-5
+    ours = {".".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(grads)}
+    hf_grads = {n: p.grad.numpy() for n, p in hf.named_parameters() if p.grad is not None}
+    worst = 0.0
+    for rule in hf_rules(model.config):
+        if rule.hf_key not in hf_grads:
+            continue
+        for path, g in zip(rule.paths, rule.to_jax(hf_grads[rule.hf_key])):
+            scale = max(float(np.abs(g).max()), 1e-6)
+            worst = max(worst, float(np.abs(ours[path] - g).max()) / scale)
+    assert worst < 1e-4, worst
+
+
+def test_indivisible_layout_is_refused_with_the_parameter_named():
+    config = dataclasses.replace(tiny_config(), text=dataclasses.replace(tiny_config().text, num_key_value_heads=1,
+                                                                           num_attention_heads=3, head_dim=24))
+    if jax.device_count() < 2:
+        pytest.skip("needs two devices")
+    with pytest.raises(ShardingError, match=r"parameter layers\.0\.self_attn\.[qk]_proj: dimension 1 .* does not divide"):
+        make_learner(config, MeshConfig(fsdp=1, tensor=2))
