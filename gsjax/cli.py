@@ -54,5 +54,39 @@ def demo(
     tiny_model_demo(workdir)
 
 
+@app.command()
+def sft(
+    config: Annotated[Path, typer.Argument(help="YAML recipe, e.g. configs/sft_tiny_cpu.yaml")],
+    overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides, e.g. train.steps=100")] = None,
+    progress: Annotated[bool, typer.Option(help="live progress line")] = True,
+) -> None:
+    """Supervised fine-tuning on ShareGPT records; resumes from the latest checkpoint in train.out_dir."""
+    import logging
+
+    from gsjax.train.config import load_config
+    from gsjax.train.sft import run_sft
+
+    logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("gsjax").setLevel(logging.INFO)
+    result = run_sft(load_config(config, overrides or []), progress=progress)
+    typer.echo(f"finished at step {result.final_step}"
+               + (f" (resumed from {result.resumed_from})" if result.resumed_from is not None else "")
+               + f"; data: {result.data_stats}" + (f"; HF export: {result.hf_dir}" if result.hf_dir else ""))
+
+
+@app.command("export")
+def export_cmd(
+    checkpoint: Annotated[Path, typer.Argument(help="a run's out_dir or its checkpoints/ directory")],
+    hf_dir: Annotated[Path, typer.Option("--hf-dir", help="where to write the HF checkpoint directory")],
+    step: Annotated[int | None, typer.Option(help="checkpoint step (default: the latest)")] = None,
+    dtype: Annotated[str | None, typer.Option(help="tensor dtype in the export (default: the params')")] = None,
+) -> None:
+    """Write a training checkpoint as an HF directory (config, safetensors, tokenizer)."""
+    from gsjax.train.sft import export_checkpoint
+
+    path, chosen = export_checkpoint(checkpoint, hf_dir, step=step, dtype=dtype)
+    typer.echo(f"exported step {chosen} to {path}")
+
+
 if __name__ == "__main__":
     app()

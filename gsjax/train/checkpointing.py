@@ -211,6 +211,16 @@ class Checkpointer:
         state = from_nested(target, restored[STATE_ITEM])
         return Restored(state, dict(restored[DATA_ITEM] or {}), step, restored[CONFIG_ITEM] or None)
 
+    def saved_config(self, step: int) -> dict[str, Any]:
+        """The run config stored with `step` (to rebuild the model, e.g. for `gsjax export`)."""
+        if step not in self.all_steps():
+            raise CheckpointError(f"no committed checkpoint step {step} under {self.directory}")
+        restored = self._manager.restore(step, args=ocp.args.Composite(**{CONFIG_ITEM: ocp.args.JsonRestore()}))
+        config = restored[CONFIG_ITEM]
+        if not config:
+            raise CheckpointError(f"checkpoint step {step} under {self.directory} holds no run config")
+        return dict(config)
+
     def _check_fits(self, step: int, abstract: Mapping[str, Any]) -> None:
         """Compare paths and shapes with the checkpoint's metadata first: one clear error listing every
         difference, instead of a failure halfway through reading the arrays."""

@@ -16,11 +16,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gsjax.models.qwen3_vl.model import Qwen3VL
 from gsjax.models.qwen3_vl.vision import VisionInputs
-from gsjax.parallel.sharding import batch_sharding, logical_sharding
+from gsjax.parallel.sharding import Rules, batch_sharding, logical_sharding
 
 from .losses import token_cross_entropy
 from .state import ShardedSetup, TrainState
@@ -43,6 +43,21 @@ def device_batch(batch: Batch) -> dict[str, Any]:
     out["vision"] = None if vision is None else (vision if isinstance(vision, VisionInputs)
                                                  else VisionInputs(**vision))
     return out
+
+
+def batch_parts(mesh: Mesh, rules: Rules) -> int:
+    """How many ways the global batch is split (the product of the mesh axes `act_batch` maps to)."""
+    spec = batch_sharding(mesh, 2, rules).spec
+    axes = spec[0] if len(spec) else None
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    return int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+
+
+def check_batch_size(global_batch: int, mesh: Mesh, rules: Rules) -> None:
+    parts = batch_parts(mesh, rules)
+    if global_batch % parts:
+        raise ValueError(f"global batch {global_batch} is not divisible by the {parts} batch shards of mesh "
+                         f"{dict(mesh.shape)}; use a batch size that is a multiple of {parts}")
 
 
 class Learner:
@@ -90,14 +105,7 @@ class Learner:
         """Place a host batch on the mesh: token arrays split over the batch axes, vision rows replicated."""
         mesh, rules = self.setup.mesh, self.setup.rules
         batch = device_batch(batch)
-        batch_size = batch["input_ids"].shape[0]
-        spec = batch_sharding(mesh, 2, rules).spec
-        axes = spec[0] if len(spec) else None
-        axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-        parts = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
-        if batch_size % parts:
-            raise ValueError(f"batch size {batch_size} is not divisible by the {parts} devices of the batch axes "
-                             f"{axes} of mesh {dict(mesh.shape)}")
+        check_batch_size(batch["input_ids"].shape[0] * jax.process_count(), mesh, rules)
         out = {k: jax.device_put(v, batch_sharding(mesh, v.ndim, rules)) for k, v in batch.items()
                if k not in ("positions", "vision")}
         out["positions"] = jax.device_put(batch["positions"], batch_sharding(mesh, 3, rules, batch_dim=1))
