@@ -135,15 +135,9 @@ def run(
 
 async def _run(task: Task, agent_cfg: AgentConfig, policy_cfg: PolicyConfig, tools_cfg: ToolsConfig,
                cache_dir: Path | None, mode: str, out: Path, printer: Callable[[Any], None] | None) -> EpisodeResult:
-    import httpx
-
+    from gsjax.agent.build import open_agent, tool_cache
     from gsjax.agent.loop import run_episode
-    from gsjax.agent.policy import OpenAIChatPolicy
-    from gsjax.agent.tools import open_toolset
-    from gsjax.agent.tools.cache import ToolCache
 
-    cache = ToolCache(cache_dir, mode) if cache_dir is not None and mode != "off" else None
-    async with open_toolset(tools_cfg, cache) as toolset, httpx.AsyncClient() as client:
-        policy = OpenAIChatPolicy(policy_cfg, client)
-        return await run_episode(task, policy, toolset, agent_cfg, out, on_event=printer)
+    async with open_agent(policy_cfg, tools_cfg, tool_cache(cache_dir, mode)) as agent:
+        return await run_episode(task, agent.policy, agent.tools, agent_cfg, out, on_event=printer)
 

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import importlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from pathlib import Path
-from typing import Annotated, NoReturn, Optional
+from typing import Annotated, NoReturn
 
 import typer
 from rich.console import Console
@@ -31,14 +32,21 @@ eval_app.add_typer(wise_app, name="wise")
 
 Out = Annotated[Path, typer.Option("--out", help="Output directory.")]
 Workers = Annotated[int, typer.Option(help="Samples processed in parallel.")]
-RunnerSpec = Annotated[str, typer.Option("--runner", help="'module:factory'; factory(config_path or None) returns an EpisodeRunner.")]
-RunnerConfig = Annotated[Optional[Path], typer.Option("--runner-config", help="Passed to the runner factory.")]
-GeneratorUrl = Annotated[str, typer.Option("--generator-url", envvar="GSJAX_IMAGEGEN_URL", help="Image server (POST /generate).")]
+DEFAULT_RUNNER = "gsjax.eval.agent_runner:agent_runner"
+RunnerSpec = Annotated[str, typer.Option(
+    "--runner", help="'module:factory'; factory(config_path or None) returns an EpisodeRunner. "
+    "Default: gsjax's own agent (policy server + search tools).")]
+RunnerConfig = Annotated[Path | None, typer.Option(
+    "--runner-config", help="Passed to the runner factory; for the default runner a YAML/JSON agent config "
+    "(e.g. configs/agent_eval.yaml; API keys from environment variables).")]
+GeneratorUrl = Annotated[str, typer.Option("--generator-url", envvar="GSJAX_IMAGEGEN_URL",
+                                           help="Image server (POST /generate).")]
 JudgeUrl = Annotated[str, typer.Option("--judge-base-url", envvar="GEN_REWARD_API_BASE_URL")]
-JudgeKeyEnv = Annotated[str, typer.Option("--judge-api-key-env", help="Environment variable holding the judge API key.")]
+JudgeKeyEnv = Annotated[str, typer.Option("--judge-api-key-env",
+                                          help="Environment variable holding the judge API key.")]
 JudgeAttempts = Annotated[int, typer.Option("--judge-max-attempts")]
 JudgeTimeout = Annotated[float, typer.Option("--judge-timeout")]
-JudgeCache = Annotated[Optional[Path], typer.Option("--judge-cache", help="Directory of cached judge replies.")]
+JudgeCache = Annotated[Path | None, typer.Option("--judge-cache", help="Directory of cached judge replies.")]
 
 
 def _has_error(record: dict) -> bool:
@@ -89,10 +97,36 @@ def _load_runner(spec: str, config: Path | None) -> knowgen.EpisodeRunner:
     if not attr:
         raise typer.BadParameter(f"--runner {spec!r}: expected 'module:factory'")
     factory = getattr(importlib.import_module(module_name), attr)
-    return factory(str(config) if config else None)
+    try:
+        return factory(str(config) if config else None)
+    except (ValueError, OSError) as exc:  # a bad config or missing key: say so, no traceback
+        _fail(exc)
 
 
-def _judge_client(base_url: str, model: str, key_env: str, attempts: int, timeout: float, cache: Path | None) -> JudgeClient:
+@contextmanager
+def _runner_session(runner: knowgen.EpisodeRunner, out: Path) -> Iterator[knowgen.EpisodeRunner]:
+    """Optional runner hooks: `set_output_dir(out)` first, then the runner as a context manager
+    (open clients once, close them when the stage ends, also on error)."""
+    with ExitStack() as stack:
+        try:
+            if hasattr(runner, "set_output_dir"):
+                runner.set_output_dir(out)
+            if isinstance(runner, AbstractContextManager):
+                stack.enter_context(runner)
+        except (ValueError, OSError) as exc:
+            _fail(exc)
+        yield runner
+
+
+def _run_agent(items: Sequence, out: Path, spec: str, config: Path | None, workers: int) -> None:
+    """The agentic run stage with any runner, progress shown as it goes."""
+    with _runner_session(_load_runner(spec, config), out) as runner, RichStageProgress("run", _has_error) as progress:
+        path = knowgen.run_stage(items, out, runner, workers=workers, progress=progress)
+    console.print(f"wrote {path}")
+
+
+def _judge_client(base_url: str, model: str, key_env: str, attempts: int, timeout: float,
+                  cache: Path | None) -> JudgeClient:
     key = os.environ.get(key_env, "")
     if not key:
         console.print(f"[yellow]warning:[/yellow] ${key_env} is empty; calling the judge without an API key")
@@ -105,18 +139,18 @@ def _judge_client(base_url: str, model: str, key_env: str, attempts: int, timeou
 
 @knowgen_app.command("run")
 def knowgen_run(benchmark: Annotated[Path, typer.Option(help="KnowGen JSON/JSONL (§5.3).")], out: Out,
-                runner: RunnerSpec, runner_config: RunnerConfig = None, workers: Workers = 5) -> None:
-    """Run the agent on every benchmark prompt -> <out>/results.json and <out>/ref_images/."""
+                runner: RunnerSpec = DEFAULT_RUNNER, runner_config: RunnerConfig = None, workers: Workers = 5) -> None:
+    """Run the agent on every benchmark prompt -> <out>/results.json and <out>/ref_images/
+    (gsjax's agent also keeps each episode in <out>/episodes/)."""
     try:
         items = load_benchmark(benchmark)
     except RecordError as exc:
         _fail(exc)
-    with RichStageProgress("run", _has_error) as progress:
-        path = knowgen.run_stage(items, out, _load_runner(runner, runner_config), workers=workers, progress=progress)
-    console.print(f"wrote {path}")
+    _run_agent(items, out, runner, runner_config, workers)
 
 
-def _generate(results: Path, out: Path, generator_url: str, max_images: int, direct: bool, workers: int, attempts: int) -> None:
+def _generate(results: Path, out: Path, generator_url: str, max_images: int, direct: bool, workers: int,
+              attempts: int) -> None:
     try:
         rows = knowgen.read_stage_rows(results)
     except RecordError as exc:
@@ -145,7 +179,7 @@ def knowgen_generate(
 @knowgen_app.command("judge")
 def knowgen_judge(
     input: Annotated[Path, typer.Option("--input", help="Judge input (§6.1), e.g. generate's results.json.")],
-    out: Annotated[Optional[Path], typer.Option("--out", help="Judgements JSONL (default: beside the input).")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Judgements JSONL (default: beside the input).")] = None,
     judge_base_url: JudgeUrl = "https://api.openai.com/v1",
     judge_model: Annotated[str, typer.Option(envvar="GEN_REWARD_MODEL")] = "gpt-4.1",
     judge_api_key_env: JudgeKeyEnv = "GEN_REWARD_API_KEY",
@@ -172,7 +206,8 @@ def knowgen_judge(
 def knowgen_score(
     judgments: Annotated[Path, typer.Option(help="Judgements (JSONL or results_eval.json) from any system.")],
     out: Out,
-    benchmark: Annotated[Optional[Path], typer.Option(help="Benchmark file: unjudged samples count as failures.")] = None,
+    benchmark: Annotated[Path | None, typer.Option(
+        help="Benchmark file: unjudged samples count as failures.")] = None,
     title: str = "KnowGen",
 ) -> None:
     """K-Score (strict and upstream), per group/category/difficulty -> score.json, report.md, categories.png."""
@@ -182,7 +217,8 @@ def knowgen_score(
     except RecordError as exc:
         _fail(exc)
     if report["unknown_category"]["count"]:
-        console.print(f"[yellow]warning:[/yellow] excluded samples with an unknown category: {report['unknown_category']['ids']}")
+        console.print("[yellow]warning:[/yellow] excluded samples with an unknown category: "
+                      f"{report['unknown_category']['ids']}")
     console.print(f"K-Score strict {report['kscore_strict']:.2f} | upstream {report['kscore_upstream']:.2f} | "
                   f"failures {report['failures']['count']} -> {out / 'report.md'}")
 
@@ -214,19 +250,17 @@ def _wise_items(data: Path) -> list[wise.WiseItem]:
 
 
 @wise_app.command("run")
-def wise_run(data: WiseData, out: Out, runner: RunnerSpec, runner_config: RunnerConfig = None, workers: Workers = 5) -> None:
+def wise_run(data: WiseData, out: Out, runner: RunnerSpec = DEFAULT_RUNNER, runner_config: RunnerConfig = None,
+             workers: Workers = 5) -> None:
     """Run the agent on the WISE prompts (prompt only; WISE has no ground-truth image)."""
-    items = [it.as_benchmark_item() for it in _wise_items(data)]
-    with RichStageProgress("run", _has_error) as progress:
-        path = knowgen.run_stage(items, out, _load_runner(runner, runner_config), workers=workers, progress=progress)
-    console.print(f"wrote {path}")
+    _run_agent([it.as_benchmark_item() for it in _wise_items(data)], out, runner, runner_config, workers)
 
 
 @wise_app.command("generate")
 def wise_generate(
     out: Out,
-    results: Annotated[Optional[Path], typer.Option(help="results.json of `wise run`.")] = None,
-    data: Annotated[Optional[Path], typer.Option("--data", help="Direct generation from the WISE prompts.")] = None,
+    results: Annotated[Path | None, typer.Option(help="results.json of `wise run`.")] = None,
+    data: Annotated[Path | None, typer.Option("--data", help="Direct generation from the WISE prompts.")] = None,
     generator_url: GeneratorUrl = "http://127.0.0.1:8000",
     max_images: int = 3,
     workers: Workers = 1,
