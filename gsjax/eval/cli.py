@@ -11,7 +11,7 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -41,6 +41,11 @@ RunnerConfig = Annotated[Path | None, typer.Option(
     "(e.g. configs/agent_eval.yaml; API keys from environment variables).")]
 GeneratorUrl = Annotated[str, typer.Option("--generator-url", envvar="GSJAX_IMAGEGEN_URL",
                                            help="Image server (POST /generate).")]
+GeneratorBackend = Annotated[str, typer.Option("--generator-backend", help="server (gsjax serve-image) | openai "
+                                                "(OpenAI-compatible images API at --generator-url)")]
+GeneratorModel = Annotated[str, typer.Option("--generator-model", help="Model name for the openai backend.")]
+GeneratorKeyEnv = Annotated[str, typer.Option("--generator-api-key-env",
+                                              help="Env var holding the openai backend's API key.")]
 JudgeUrl = Annotated[str, typer.Option("--judge-base-url", envvar="GEN_REWARD_API_BASE_URL")]
 JudgeKeyEnv = Annotated[str, typer.Option("--judge-api-key-env",
                                           help="Environment variable holding the judge API key.")]
@@ -149,13 +154,22 @@ def knowgen_run(benchmark: Annotated[Path, typer.Option(help="KnowGen JSON/JSONL
     _run_agent(items, out, runner, runner_config, workers)
 
 
-def _generate(results: Path, out: Path, generator_url: str, max_images: int, direct: bool, workers: int,
+def _image_generator(url: str, backend: str, model: str, key_env: str) -> Any:
+    """The image backend the options name (spec §6.4): a gsjax/Qwen-Image server or an OpenAI images API."""
+    from gsjax.imagegen.client import ImageGenConfig, make_image_generator
+
+    try:
+        return make_image_generator(ImageGenConfig(backend=backend, urls=(url,), model=model, api_key_env=key_env))
+    except ValueError as exc:
+        _fail(exc)
+
+
+def _generate(results: Path, out: Path, generator: Any, max_images: int, direct: bool, workers: int,
               attempts: int) -> None:
     try:
         rows = knowgen.read_stage_rows(results)
     except RecordError as exc:
         _fail(exc)
-    generator = knowgen.HttpImageGenerator(generator_url)
     with RichStageProgress("generate", _not_success) as progress:
         path = knowgen.generate_stage(rows, results.parent, out, generator, max_images=max_images, direct=direct,
                                       attempts=attempts, workers=workers, progress=progress)
@@ -171,9 +185,13 @@ def knowgen_generate(
     direct: Annotated[bool, typer.Option(help="Ignore gen_prompt/references: render the original prompt.")] = False,
     workers: Workers = 1,
     attempts: Annotated[int, typer.Option(help="Generation attempts per sample.")] = 3,
+    generator_backend: GeneratorBackend = "server",
+    generator_model: GeneratorModel = "gpt-image-1",
+    generator_api_key_env: GeneratorKeyEnv = "OPENAI_API_KEY",
 ) -> None:
     """Render every sample -> <out>/images/<id>.png and <out>/results.json."""
-    _generate(results, out, generator_url, max_images, direct, workers, attempts)
+    generator = _image_generator(generator_url, generator_backend, generator_model, generator_api_key_env)
+    _generate(results, out, generator, max_images, direct, workers, attempts)
 
 
 @knowgen_app.command("judge")
@@ -265,18 +283,21 @@ def wise_generate(
     max_images: int = 3,
     workers: Workers = 1,
     attempts: int = 3,
+    generator_backend: GeneratorBackend = "server",
+    generator_model: GeneratorModel = "gpt-image-1",
+    generator_api_key_env: GeneratorKeyEnv = "OPENAI_API_KEY",
 ) -> None:
     """Render the WISE samples -> <out>/images/<prompt_id>.png (the layout `wise judge` reads)."""
     if (results is None) == (data is None):
         raise typer.BadParameter("give exactly one of --results and --data")
+    generator = _image_generator(generator_url, generator_backend, generator_model, generator_api_key_env)
     if data is not None:
         rows = [{"id": it.prompt_id, "prompt": it.prompt, "meta": {"category": it.subset}} for it in _wise_items(data)]
-        generator = knowgen.HttpImageGenerator(generator_url)
         with RichStageProgress("generate", _not_success) as progress:
             knowgen.generate_stage(rows, data, out, generator, max_images=max_images, attempts=attempts,
                                    workers=workers, progress=progress)
         return
-    _generate(results, out, generator_url, max_images, False, workers, attempts)
+    _generate(results, out, generator, max_images, False, workers, attempts)
 
 
 @wise_app.command("judge")

@@ -140,3 +140,30 @@ def test_heuristic_judging_is_flagged_in_records_and_report(tmp_path):
     assert invoke("knowgen", "score", "--judgments", tmp_path / "judgments.jsonl", "--out", tmp_path / "s").exit_code == 0
     assert json.loads((tmp_path / "s" / "score.json").read_text())["judge_backends"] == {"heuristic": 2}
     assert "**HEURISTIC scores**" in (tmp_path / "s" / "report.md").read_text()
+
+
+def test_generate_through_an_openai_compatible_images_api(tmp_path):
+    from tests.imagegen.fakes import FakeImagesApi
+    from tests.imagegen.loopback import LoopbackUvicorn
+
+    bench = tmp_path / "bench.json"
+    bench.write_text(json.dumps([{"id": i, "prompt": f"prompt {i}", "meta": {"category": "biology"}}
+                                 for i in range(2)]))
+    fake = FakeImagesApi()
+    with LoopbackUvicorn(fake.app()) as server:
+        result = invoke("knowgen", "generate", "--results", bench, "--out", tmp_path / "gen", "--direct",
+                        "--generator-backend", "openai", "--generator-url", server.url + "/v1",
+                        "--generator-model", "gpt-image-1.5", "--generator-api-key-env", "MY_IMAGES_KEY",
+                        env={"MY_IMAGES_KEY": "sk-images"})
+    assert result.exit_code == 0, result.output
+    assert sorted(r["fields"]["prompt"] for r in fake.requests) == ["prompt 0", "prompt 1"]
+    assert {r["headers"]["authorization"] for r in fake.requests} == {"Bearer sk-images"}
+    rows = json.loads((tmp_path / "gen" / "results.json").read_text())
+    assert all(r["success"] for r in rows)
+    assert all((tmp_path / "gen" / r["output_path"]).read_bytes() == fake.image for r in rows)
+
+
+def test_unknown_generator_backend_is_refused(tmp_path):
+    result = invoke("knowgen", "generate", "--results", tmp_path / "x.json", "--out", tmp_path / "gen",
+                    "--generator-backend", "dalle")
+    assert result.exit_code == 2 and "unknown image backend 'dalle'" in result.output
