@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from gsjax.parallel.sharding import constrain
 
@@ -15,7 +16,6 @@ from .attention import AttentionMask, attend
 from .config import Qwen3VLConfig, TextConfig
 from .layers import Dense, RMSNorm, make_param
 from .rope import apply_rotary
-
 
 HEADS = ("act_batch", "act_length", "act_heads", None)
 
@@ -66,12 +66,13 @@ class Attention(nnx.Module):
         k = self.k_norm(jnp.einsum("bld,dnk->blnk", x, self.k_proj[...].astype(dt)))
         v = jnp.einsum("bld,dnk->blnk", x, self.v_proj[...].astype(dt))
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        q = constrain(q, HEADS)
-        k, v = constrain(k, HEADS), constrain(v, HEADS)
+        # Named so the `save_qkv_out` remat policy keeps exactly these (and the attention output).
+        q = checkpoint_name(constrain(q, HEADS), "qkv")
+        k, v = checkpoint_name(constrain(k, HEADS), "qkv"), checkpoint_name(constrain(v, HEADS), "qkv")
         if cache is not None:
             cache = write_cache(cache, k, v, cache_offsets)
             k, v = cache.k.astype(dt), cache.v.astype(dt)
-        o = attend(q, k, v, mask, impl=impl, chunk=chunk)
+        o = checkpoint_name(attend(q, k, v, mask, impl=impl, chunk=chunk), "attn_out")
         return jnp.einsum("blnk,nkd->bld", o, self.o_proj[...].astype(dt)), cache
 
 
