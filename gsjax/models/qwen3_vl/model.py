@@ -49,7 +49,7 @@ class DecodeCache:
 @jax.tree_util.register_dataclass
 @dataclass(frozen=True)
 class ModelOutput:
-    logits: jax.Array  # (B, L, V) in the activation dtype
+    logits: jax.Array  # (B, L, V) in the activation dtype; (B, T, V) for a logits_index (B, T)
     cache: DecodeCache | None = None
     router: RouterStats | None = None  # summed over MoE layers (None for dense models)
     hidden: jax.Array | None = None  # final-norm hidden states when asked for
@@ -71,10 +71,12 @@ class Qwen3VL(nnx.Module):
 
     def __call__(self, input_ids: jax.Array, positions: jax.Array, attention_mask: jax.Array | None = None,
                  vision: VisionInputs | None = None, *, cache: DecodeCache | None = None,
-                 return_hidden: bool = False) -> ModelOutput:
+                 return_hidden: bool = False, logits_index: jax.Array | None = None) -> ModelOutput:
         """input_ids (B, L); positions (3, B, L) M-RoPE ids; attention_mask (B, L) of valid tokens.
 
         With `cache`, the L new tokens are written after each row's cached tokens and attend to them.
+        `logits_index` (B, T) picks the positions whose logits are computed (a sampler's prefill needs one
+        per row; the full (B, L, V) logits of a long prompt would cost a vocab-sized matmul per token).
         """
         cfg = self.config
         # FSDP gathers the table's embed dim for the lookup; the vocab dim may stay tensor-sharded.
@@ -94,6 +96,10 @@ class Qwen3VL(nnx.Module):
             mask = causal_mask(attention_mask)
         else:
             cache, mask, cache_offsets = _advance_cache(cache, input_ids.shape[1], attention_mask)
+            if cache.kv_valid.shape[1] == input_ids.shape[1]:
+                # A cache exactly as long as the new tokens is filled from slot 0 (a prefill; any other offset
+                # would not fit), so plain causal self-attention is the same mask and can use the fast kernels.
+                mask = causal_mask(attention_mask)
         new_layer_caches: list[LayerCache] = []
         router: RouterStats | None = None
         for i, layer in enumerate(self.layers):
@@ -109,7 +115,8 @@ class Qwen3VL(nnx.Module):
                 x = scatter_visual(x, visual_mask, deepstack[i], add=True)
         hidden = self.norm(x)
         head = (self.embed_tokens[...].T if self.lm_head is None else self.lm_head[...]).astype(self.dtype)
-        logits = constrain(hidden @ head, ("act_batch", "act_length", "act_vocab"))
+        picked = hidden if logits_index is None else jnp.take_along_axis(hidden, logits_index[..., None], axis=1)
+        logits = constrain(picked @ head, ("act_batch", "act_length", "act_vocab"))
         if cache is not None:
             cache = DecodeCache(layers=new_layer_caches, kv_valid=cache.kv_valid, lengths=cache.lengths)
         return ModelOutput(logits=logits, cache=cache, router=router, hidden=hidden if return_hidden else None)

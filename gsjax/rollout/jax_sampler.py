@@ -1,0 +1,280 @@
+"""The embedded JAX sampler: the default `RolloutEngine`, in-process, on CPU, GPU or TPU.
+
+Requests from any thread or event loop go into an inbox; one background thread owns the device and runs
+continuous batching by slot refill: at every step boundary it admits waiting requests into free slots
+(one batched prefill per admission group), dispatches one decode step of all slots, and reads the
+previous step's tokens while the device computes the next one (one step in flight), so the host work
+of stop checks and bookkeeping overlaps device time. A finished request frees its slot at once.
+
+Weight updates swap the parameters between two steps: requests in flight continue on the new weights
+(their cached keys/values were computed by the old ones); each result names the version of its last
+token and lists every version that produced some of its tokens in `extra["weight_versions"]`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections import deque
+from collections.abc import Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from gsjax.models.qwen3_vl.checkpoint import load_hf
+from gsjax.models.qwen3_vl.config import Qwen3VLConfig, RuntimeConfig
+from gsjax.models.qwen3_vl.model import Qwen3VL
+from gsjax.parallel.sharding import DEFAULT_RULES, Rules, param_shardings
+
+from .batch_decoder import BatchDecoder, batch_parallelism
+from .engine import EngineError, GenerationRequest, GenerationResult
+from .sampling import batch_mode
+from .slots import Decoding, build_prefill, fit_bucket, power_buckets, prepare, take_group
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """Static shapes of the sampler: every compiled program is one of these buckets."""
+
+    max_slots: int = 16  # sequences decoded together (the decode batch)
+    max_total_len: int = 4096  # KV cache length per slot: prompt + output tokens
+    min_prefill_bucket: int = 64  # prompt lengths are padded to powers of two from here up to max_total_len
+    max_prefill_tokens: int = 16384  # padded prompt tokens per prefill call (rows × length bucket)
+    min_vision_rows: int = 256  # image patch rows are padded to powers of two from here
+
+    def validate(self, batch_parallelism: int) -> None:
+        if self.max_slots < 1 or self.max_slots % batch_parallelism:
+            raise ValueError(f"max_slots={self.max_slots} must be a positive multiple of the {batch_parallelism} "
+                             f"devices that split the batch")
+        if self.max_total_len < 2 or self.min_prefill_bucket < 1:
+            raise ValueError("max_total_len must be >= 2 and min_prefill_bucket >= 1")
+
+
+@dataclass
+class SamplerStats:
+    """Counters of the decode loop (read them for tests and monitoring)."""
+
+    prefill_calls: int = 0
+    prefill_rows: int = 0  # requests admitted
+    decode_steps: int = 0
+    tokens: int = 0  # output tokens delivered
+    peak_live: int = 0  # most slots busy at one step
+
+
+@dataclass(eq=False)
+class _Event:
+    """A dispatched device call whose outputs the host has not read yet."""
+
+    rows: list[tuple[int, Decoding]]  # (output row, request) pairs
+    tokens: jax.Array
+    logprobs: jax.Array
+    version: str
+
+
+_CLOSE = object()
+
+
+class JaxSampler:
+    """`RolloutEngine` over a `Qwen3VL` (or an HF checkpoint directory), optionally sharded over a mesh."""
+
+    def __init__(self, model: Qwen3VL | str | Path, config: SamplerConfig | None = None, *,
+                 mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES, runtime: RuntimeConfig | None = None,
+                 weight_version: str = "0"):
+        self.config = c = config or SamplerConfig()
+        parallel = batch_parallelism(mesh, rules)
+        c.validate(parallel)
+        if not isinstance(model, Qwen3VL):
+            model = _load(Path(model), runtime, mesh, rules)
+        self.model_config: Qwen3VLConfig = model.config
+        self.decoder = BatchDecoder(model, c.max_slots, c.max_total_len, mesh=mesh, rules=rules,
+                                    version=weight_version)
+        self.row_buckets = power_buckets(parallel, c.max_slots, multiple=parallel)
+        self.length_buckets = power_buckets(min(c.min_prefill_bucket, c.max_total_len), c.max_total_len)
+        self.stats = SamplerStats()
+        self._slots: list[Decoding | None] = [None] * c.max_slots
+        self._pending: deque[Decoding] = deque()
+        self._inbox: queue.Queue = queue.Queue()
+        self._closed = False
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="jax-sampler", daemon=True)
+        self._thread.start()
+
+    # ---------------------------------------------------------------- RolloutEngine
+    @property
+    def weight_version(self) -> str:
+        return self.decoder.version
+
+    async def generate(self, request: GenerationRequest) -> GenerationResult:
+        return await asyncio.wrap_future(self.submit([request])[0])
+
+    async def generate_many(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        futures = self.submit(requests)
+        return list(await asyncio.gather(*(asyncio.wrap_future(f) for f in futures)))
+
+    def update_weights(self, params: Any, version: str) -> None:
+        """New weights from an nnx.State (all or some of the model's params, by path) or an HF directory."""
+        if isinstance(params, (str, Path)):
+            fresh = _load(Path(params), self.model_config.runtime, self.decoder.mesh, self.decoder.rules,
+                          self.model_config)
+            self.decoder.set_params(nnx.state(fresh, nnx.Param), version, copy=False)
+        else:
+            self.decoder.set_params(params, version)
+
+    def close(self) -> None:
+        """Stop the loop; requests not finished yet complete with finish_reason "abort"."""
+        if self._closed:
+            return
+        self._closed = True
+        self._inbox.put(_CLOSE)
+        self._thread.join()
+
+    # ---------------------------------------------------------------- blocking API
+    def submit(self, requests: Sequence[GenerationRequest]) -> list[Future]:
+        """Queue requests (admitted together when slots allow); each future resolves to its result.
+
+        A malformed request raises EngineError here, before anything is queued.
+        """
+        if self._closed or self._error is not None:
+            raise EngineError(f"sampler is closed{f' after an error: {self._error!r}' if self._error else ''}")
+        c = self.config
+        seqs = [prepare(self.model_config, r, Future(), max(self.length_buckets), c.max_total_len)
+                for r in requests]
+        self._inbox.put(seqs)
+        return [s.future for s in seqs]
+
+    def generate_batch(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        """Blocking `generate_many` for scripts and benchmarks."""
+        return [f.result() for f in self.submit(requests)]
+
+    def compilations(self) -> dict[str, int]:
+        return self.decoder.compilations()
+
+    # ---------------------------------------------------------------- decode loop (background thread)
+    def _run(self) -> None:
+        events: deque[_Event] = deque()
+        try:
+            while self._receive(block=not (events or self._pending or self._live())):
+                self._admit(events)
+                if self._live():
+                    events.append(self._decode())
+                    while len(events) > 1:  # keep the newest step in flight while reading the older ones
+                        self._read(events.popleft())
+                else:
+                    while events:
+                        self._read(events.popleft())
+        except BaseException as err:  # a device or program failure: fail everything, refuse new work
+            log.exception("sampler loop failed")
+            self._error = err
+        self._abort_all()
+
+    def _receive(self, block: bool) -> bool:
+        """Move requests from the inbox to the pending queue; False once close() was called."""
+        items = [self._inbox.get()] if block else []
+        while True:
+            try:
+                items.append(self._inbox.get_nowait())
+            except queue.Empty:
+                break
+        for item in items:
+            if item is _CLOSE:
+                return False
+            self._pending.extend(item)
+        return True
+
+    def _live(self) -> bool:
+        return any(s is not None for s in self._slots)
+
+    def _admit(self, events: deque[_Event]) -> None:
+        """Prefill waiting requests into free slots, one batched call per admission group."""
+        while self._pending:
+            if self._pending[0].future.cancelled():
+                self._pending.popleft()
+                continue
+            free = [i for i, s in enumerate(self._slots) if s is None]
+            if not free:
+                return
+            group = take_group(list(self._pending), len(free), self.row_buckets, self.length_buckets,
+                               self.config.max_prefill_tokens)
+            for seq, slot in zip(group, free):
+                self._pending.popleft()
+                seq.slot = slot
+                self._slots[slot] = seq
+            rows = fit_bucket(len(group), self.row_buckets)
+            length = fit_bucket(max(s.prompt.size for s in group), self.length_buckets)
+            batch = build_prefill(group, rows, length, self.config.max_slots, self.model_config,
+                                  self.config.min_vision_rows)
+            tokens, logprobs, version = self.decoder.prefill(batch, batch_mode(s.request.params for s in group))
+            events.append(_Event(list(enumerate(group)), tokens, logprobs, version))
+            self.stats.prefill_calls += 1
+            self.stats.prefill_rows += len(group)
+
+    def _decode(self) -> _Event:
+        live = [(i, s) for i, s in enumerate(self._slots) if s is not None]
+        self.stats.decode_steps += 1
+        self.stats.peak_live = max(self.stats.peak_live, len(live))
+        tokens, logprobs, version = self.decoder.decode(batch_mode(s.request.params for _, s in live))
+        return _Event(live, tokens, logprobs, version)
+
+    def _read(self, event: _Event) -> None:
+        """Hand the event's tokens to their requests; finished requests resolve and free their slots."""
+        tokens, logprobs = np.asarray(event.tokens), np.asarray(event.logprobs)
+        for row, seq in event.rows:
+            if seq.done:  # finished in an earlier event; this token was computed speculatively
+                continue
+            if seq.future.cancelled():
+                seq.finish = "abort"
+            elif not seq.accept(int(tokens[row]), float(logprobs[row]), event.version):
+                continue
+            self.stats.tokens += len(seq.tokens)
+            self._slots[seq.slot] = None
+            _resolve(seq)
+
+    def _abort_all(self) -> None:
+        seqs = [s for s in self._slots if s is not None] + list(self._pending)
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if item is not _CLOSE:
+                seqs.extend(item)
+        self._slots = [None] * self.config.max_slots
+        self._pending.clear()
+        for seq in seqs:
+            if self._error is not None:
+                if not seq.future.done():
+                    seq.future.set_exception(EngineError(f"sampler loop failed: {self._error!r}"))
+                continue
+            seq.finish = seq.finish or "abort"
+            _resolve(seq)
+
+
+def _resolve(seq: Decoding) -> None:
+    if not seq.future.done():
+        seq.future.set_result(seq.result())
+
+
+def _load(directory: Path, runtime: RuntimeConfig | None, mesh: Mesh | None, rules: Rules,
+          config: Qwen3VLConfig | None = None) -> Qwen3VL:
+    """An HF checkpoint read tensor by tensor straight into its layout on the mesh (no full host copy)."""
+    if mesh is None:
+        return load_hf(directory, runtime=runtime, config=config)
+    cfg = config or Qwen3VLConfig.from_file(directory, runtime)
+    abstract = nnx.state(nnx.eval_shape(lambda: Qwen3VL(cfg, rngs=nnx.Rngs(0))))
+    shardings = {".".join(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(param_shardings(abstract,
+                                                                                                   mesh, rules))}
+
+    def place(path: str, array: np.ndarray, dtype) -> jax.Array:
+        return jax.device_put(np.asarray(array).astype(dtype), shardings[path])
+
+    return load_hf(directory, config=cfg, place=place)

@@ -1,0 +1,188 @@
+"""Host-side bookkeeping of the embedded sampler: admitted requests, length buckets, padded prefill batches.
+
+Nothing here touches a device. The sampler keeps a fixed number of decode slots; a request is prepared
+(validated, M-RoPE positions computed) in the caller's thread, waits in FIFO order, is prefilled into a
+free slot together with the other requests admitted at the same step boundary, and leaves its slot as
+soon as it finishes, so the slot is refilled at the next boundary (continuous batching by slot refill).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import jax
+import numpy as np
+
+from gsjax.models.qwen3_vl.config import Qwen3VLConfig
+from gsjax.models.qwen3_vl.model import prepare_inputs
+from gsjax.models.qwen3_vl.vision import VisionInputs, vision_inputs
+
+from .engine import EngineError, FinishReason, GenerationRequest, GenerationResult
+from .sampling import seed_key_data
+
+
+# ---------------------------------------------------------------- buckets
+def power_buckets(low: int, high: int, multiple: int = 1) -> tuple[int, ...]:
+    """low, 2·low, 4·low, … up to and including `high`, each rounded up to a multiple of `multiple`."""
+    if low < 1 or high < low:
+        raise ValueError(f"bucket range [{low}, {high}] is empty")
+    out, size = [], low
+    while size < high:
+        out.append(size)
+        size *= 2
+    out.append(high)
+    return tuple(sorted({-(-b // multiple) * multiple for b in out}))
+
+
+def fit_bucket(n: int, buckets: Sequence[int]) -> int:
+    """The smallest bucket >= n."""
+    for b in buckets:
+        if b >= n:
+            return b
+    raise EngineError(f"{n} exceeds the largest bucket {max(buckets)}")
+
+
+def vision_rows_bucket(rows: int, minimum: int, merge_unit: int) -> int:
+    """Padded patch-row count for the vision tower: a power of two >= max(rows, minimum), whole merge units."""
+    size = 1 << max(math.ceil(math.log2(max(rows, minimum, 1))), 0)
+    return -(-size // merge_unit) * merge_unit
+
+
+# ---------------------------------------------------------------- one request
+@dataclass(eq=False)
+class Decoding:
+    """A request from submission to result: its prompt's positions, its output so far, its slot."""
+
+    request: GenerationRequest
+    future: Future
+    prompt: np.ndarray  # (n,) int32
+    positions: np.ndarray  # (3, n) int32 M-RoPE ids of the prompt
+    next_position: int  # M-RoPE id of the first generated token (n + delta, all three axes)
+    limit: int  # max output tokens, capped by the cache length
+    key_data: np.ndarray  # (2,) uint32
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    versions: list[str] = field(default_factory=list)  # weight version of each output token
+    slot: int = -1
+    finish: FinishReason | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.finish is not None
+
+    def accept(self, token: int, logprob: float, version: str) -> bool:
+        """Append one sampled token; True when that token ends the request."""
+        self.tokens.append(token)
+        self.logprobs.append(logprob)
+        self.versions.append(version)
+        if token in self.request.params.stop_token_ids:
+            self.finish = "stop"
+        elif len(self.tokens) >= self.limit:
+            self.finish = "length"
+        return self.done
+
+    def result(self) -> GenerationResult:
+        versions = list(dict.fromkeys(self.versions))
+        return GenerationResult(
+            request_id=self.request.request_id, output_ids=tuple(self.tokens), logprobs=tuple(self.logprobs),
+            finish_reason=self.finish or "abort", weight_version=self.versions[-1] if self.versions else "",
+            prompt_tokens=int(self.prompt.size), extra={"weight_versions": versions, "slot": self.slot})
+
+
+def prepare(config: Qwen3VLConfig, request: GenerationRequest, future: Future, max_prompt: int,
+            max_total: int) -> Decoding:
+    """Validate a request and compute its prompt positions (host numpy; raises EngineError when unusable)."""
+    prompt = np.asarray(request.input_ids, dtype=np.int64)
+    if prompt.ndim != 1 or prompt.size == 0:
+        raise EngineError(f"request {request.request_id!r}: input_ids must be a non-empty 1-D sequence")
+    if prompt.size > max_prompt:
+        raise EngineError(f"request {request.request_id!r}: prompt of {prompt.size} tokens exceeds the "
+                          f"sampler's longest prefill bucket {max_prompt}")
+    images = request.images
+    try:
+        inp = prepare_inputs(config, prompt[None], None,
+                             None if images is None else images.pixel_values,
+                             None if images is None else images.image_grid_thw)
+    except ValueError as err:
+        raise EngineError(f"request {request.request_id!r}: {err}") from err
+    n = int(prompt.size)
+    # the last output token is never written to the cache: n + limit - 1 slots suffice
+    limit = min(request.params.max_tokens, max_total - n + 1)
+    return Decoding(request=request, future=future, prompt=inp["input_ids"][0], positions=inp["positions"][:, 0],
+                    next_position=n + int(inp["deltas"][0]), limit=limit,
+                    key_data=seed_key_data(request.params.seed))
+
+
+def take_group(pending: list[Decoding], free: int, row_buckets: Sequence[int], length_buckets: Sequence[int],
+               max_tokens: int) -> list[Decoding]:
+    """The FIFO head of `pending` that one prefill call admits: at most `free` requests, and no more than
+    `max_tokens` padded prompt tokens (rows bucket × length bucket) unless it is a single request."""
+    group: list[Decoding] = []
+    longest = 0
+    for seq in pending[:free]:
+        length = max(longest, seq.prompt.size)
+        cost = fit_bucket(len(group) + 1, row_buckets) * fit_bucket(length, length_buckets)
+        if group and cost > max_tokens:
+            break
+        group.append(seq)
+        longest = length
+    return group
+
+
+# ---------------------------------------------------------------- one prefill call
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class PrefillBatch:
+    """Right-padded prompts of one admission group plus each row's slot and sampling parameters.
+
+    Filler rows (up to the rows bucket) hold one token, target slot `num_slots` (dropped on insert) and are
+    never read.
+    """
+
+    input_ids: np.ndarray  # (k, P) int32
+    attention_mask: np.ndarray  # (k, P) bool
+    positions: np.ndarray  # (3, k, P) int32
+    vision: VisionInputs | None
+    slots: np.ndarray  # (k,) int32
+    last_index: np.ndarray  # (k,) int32 index of each row's last prompt token
+    next_position: np.ndarray  # (k,) int32
+    key_data: np.ndarray  # (k, 2) uint32
+    temperature: np.ndarray  # (k,) float32
+    top_k: np.ndarray  # (k,) int32
+    top_p: np.ndarray  # (k,) float32
+
+
+def build_prefill(group: Sequence[Decoding], rows: int, length: int, num_slots: int, config: Qwen3VLConfig,
+                  min_vision_rows: int) -> PrefillBatch:
+    ids = np.zeros((rows, length), np.int32)
+    mask = np.zeros((rows, length), bool)
+    mask[:, 0] = True  # filler rows attend to one token, so no row is fully masked
+    positions = np.zeros((3, rows, length), np.int32)
+    slots = np.full(rows, num_slots, np.int32)
+    last = np.zeros(rows, np.int32)
+    next_pos = np.zeros(rows, np.int32)
+    keys = np.zeros((rows, 2), np.uint32)
+    temperature = np.zeros(rows, np.float32)
+    top_k = np.zeros(rows, np.int32)
+    top_p = np.ones(rows, np.float32)
+    for i, seq in enumerate(group):
+        n, p = seq.prompt.size, seq.request.params
+        ids[i, :n], mask[i, :n], positions[:, i, :n] = seq.prompt, True, seq.positions
+        slots[i], last[i], next_pos[i], keys[i] = seq.slot, n - 1, seq.next_position, seq.key_data
+        temperature[i], top_k[i], top_p[i] = p.temperature, p.top_k, p.top_p
+    return PrefillBatch(ids, mask, positions, _group_vision(group, config, min_vision_rows), slots, last,
+                        next_pos, keys, temperature, top_k, top_p)
+
+
+def _group_vision(group: Sequence[Decoding], config: Qwen3VLConfig, min_rows: int) -> VisionInputs | None:
+    """All images of the group in row order (the order the model scatters features in), padded to a bucket."""
+    images = [s.request.images for s in group if s.request.images is not None]
+    if not images:
+        return None
+    pixels = np.concatenate([np.asarray(im.pixel_values, np.float32) for im in images])
+    grids = np.concatenate([np.asarray(im.image_grid_thw, np.int64).reshape(-1, 3) for im in images])
+    pad = vision_rows_bucket(pixels.shape[0], min_rows, config.vision.merge_unit)
+    return vision_inputs(pixels, grids, config.vision, pad_to=pad)

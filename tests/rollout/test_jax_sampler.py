@@ -1,0 +1,193 @@
+"""The embedded JAX sampler against the model's own uncached forward, and its engine contract: per-request
+parameters, batch independence, batching of concurrent calls, weight updates, static shapes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from gsjax.models.qwen3_vl.checkpoint import load_hf
+from gsjax.models.qwen3_vl.forward import Runner
+from gsjax.rollout.engine import EngineError, GenerationRequest, RolloutEngine, SamplingParams
+from gsjax.rollout.jax_sampler import JaxSampler, SamplerConfig, SamplerStats
+
+from .conftest import image_request, reference_logprobs, text_request
+
+CONFIG = SamplerConfig(max_slots=4, max_total_len=64, min_prefill_bucket=32)
+
+
+def greedy(max_tokens: int = 12, **kw) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, **kw)
+
+
+@pytest.fixture(scope="module")
+def sampler(sampler_model):
+    engine = JaxSampler(sampler_model, CONFIG)
+    yield engine
+    engine.close()
+
+
+def assert_matches_full_forward(runner: Runner, requests, results, greedy_rows: bool = True) -> None:
+    """Each output token is the argmax of the uncached forward (greedy rows) and its logprob is that
+    forward's log-softmax at the token, to 1e-4 in fp32."""
+    for q, r, ref in zip(requests, results, reference_logprobs(runner, requests, results)):
+        out = np.asarray(r.output_ids)
+        if greedy_rows:
+            np.testing.assert_array_equal(ref.argmax(-1), out, err_msg=q.request_id)
+        np.testing.assert_allclose(r.logprobs, ref[np.arange(out.size), out], atol=1e-4, err_msg=q.request_id)
+
+
+def test_is_a_rollout_engine(sampler):
+    assert isinstance(sampler, RolloutEngine)
+    assert sampler.weight_version == "0"
+
+
+def test_greedy_with_cache_equals_full_forward_text_and_images(sampler, sampler_runner):
+    # five requests of different lengths (one with two images) for four slots: the last one refills a slot
+    requests = [text_request(3, greedy()), image_request(greedy()), text_request(21, greedy()),
+                text_request(9, greedy()), text_request(14, greedy(), start=11)]
+    results = sampler.generate_batch(requests)
+    assert [r.request_id for r in results] == [q.request_id for q in requests]
+    for q, r in zip(requests, results):
+        assert len(r.output_ids) == 12 and r.finish_reason == "length" and r.prompt_tokens == len(q.input_ids)
+    assert_matches_full_forward(sampler_runner, requests, results)
+
+
+def test_sampled_logprobs_equal_full_forward(sampler, sampler_runner):
+    params = SamplingParams(max_tokens=10, temperature=1.3, top_k=40, top_p=0.95, seed=4)
+    requests = [text_request(8, params), image_request(params)]
+    results = sampler.generate_batch(requests)
+    assert_matches_full_forward(sampler_runner, requests, results, greedy_rows=False)
+
+
+def test_output_is_independent_of_batch_composition_and_slot(sampler):
+    probes = [text_request(6, greedy(), request_id="greedy"),
+              text_request(6, SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, top_k=50, seed=11),
+                           start=9, request_id="sampled"),
+              image_request(SamplingParams(max_tokens=12, temperature=0.8, seed=3), request_id="image")]
+    alone = [sampler.generate_batch([q])[0] for q in probes]
+    others = [text_request(n, SamplingParams(max_tokens=m, temperature=1.0, seed=n), start=n)
+              for n, m in ((17, 5), (2, 12), (25, 3))]
+    mixed = sampler.generate_batch(others + probes)[len(others):]
+    for a, b in zip(alone, mixed):
+        assert a.output_ids == b.output_ids, a.request_id
+        np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
+    assert {r.extra["slot"] for r in alone} == {0}
+    assert any(r.extra["slot"] != 0 for r in mixed)
+
+
+def test_per_request_sampling_parameters(sampler):
+    base = sampler.generate_batch([text_request(7, greedy(16))])[0].output_ids
+    # stop at the first occurrence of some token after the start
+    j = next((i for i in range(1, len(base)) if base[i] not in base[:i]), 0)
+    requests = [text_request(7, greedy(16, stop_token_ids=(base[j], 255))),
+                text_request(7, greedy(4)),
+                text_request(7, SamplingParams(max_tokens=16, temperature=1.0, top_k=1, seed=1)),
+                text_request(7, SamplingParams(max_tokens=16, temperature=0.7, top_p=1e-6, seed=2))]
+    stop, short, top1, top_p = sampler.generate_batch(requests)
+    assert stop.output_ids == base[:j + 1] and stop.finish_reason == "stop"
+    assert short.output_ids == base[:4] and short.finish_reason == "length"
+    assert top1.output_ids == base and top_p.output_ids == base
+
+    def sampled(seed: int):
+        return text_request(7, SamplingParams(max_tokens=16, temperature=1.0, seed=seed))
+
+    a, b, c = sampler.generate_batch([sampled(5), sampled(5), sampled(6)])
+    assert a.output_ids == b.output_ids and a.logprobs == b.logprobs
+    assert a.output_ids != c.output_ids and a.output_ids != base
+
+
+def test_concurrent_generate_calls_are_batched(sampler):
+    sampler.stats = SamplerStats()
+
+    async def calls():
+        single = [sampler.generate(text_request(4 + i, greedy(10), start=i)) for i in range(4)]
+        return await asyncio.gather(*single, sampler.generate_many([text_request(5, greedy(10))] * 2))
+
+    *singles, many = asyncio.run(calls())
+    assert all(len(r.output_ids) == 10 for r in [*singles, *many])
+    assert many[0].output_ids == many[1].output_ids
+    stats = sampler.stats
+    assert stats.peak_live == 4 and stats.tokens == 60
+    # six requests of ten tokens one after another take 6 x 9 decode steps; four slots shared: about two rounds
+    assert stats.decode_steps <= 25
+
+
+def test_cache_capacity_ends_generation_with_length(sampler, sampler_runner):
+    request = text_request(60, greedy(50))
+    result = sampler.generate_batch([request])[0]
+    assert len(result.output_ids) == CONFIG.max_total_len - 60 + 1 and result.finish_reason == "length"
+    assert_matches_full_forward(sampler_runner, [request], [result])
+
+
+@contextlib.contextmanager
+def count_backend_compiles():
+    events: list[str] = []
+
+    def listener(event: str, duration: float, **kwargs) -> None:
+        if event == "/jax/core/compile/backend_compile_duration":
+            events.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield events
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def test_decode_steps_never_recompile(sampler):
+    sampler.generate_batch([text_request(5, greedy(3)), text_request(7, greedy(3))])
+    before = sampler.compilations()
+    with count_backend_compiles() as compiles:
+        results = sampler.generate_batch([text_request(5, greedy(40)), text_request(7, greedy(40))])
+    assert [len(r.output_ids) for r in results] == [40, 40]
+    assert compiles == [] and sampler.compilations() == before
+    assert before["decode"] <= 3  # at most one variant per sampling mode (greedy, sample, filter)
+
+
+def test_bad_requests_raise_engine_error(sampler):
+    with pytest.raises(EngineError, match="exceeds"):
+        sampler.submit([text_request(65, greedy())])
+    with pytest.raises(EngineError, match="image placeholder tokens"):
+        sampler.submit([GenerationRequest(input_ids=(1, 200, 200, 200, 200, 2), params=greedy())])
+
+
+def test_update_weights_from_state_and_hf_dir(sampler_hf_dirs):
+    engine = JaxSampler(sampler_hf_dirs["base"], CONFIG, weight_version="v0")
+    request = [text_request(6, greedy(10)), image_request(greedy(10))]
+    first = engine.generate_batch(request)
+    assert {r.weight_version for r in first} == {"v0"}
+    compiled = engine.compilations()
+
+    other = load_hf(sampler_hf_dirs["other"])
+    engine.update_weights(nnx.state(other, nnx.Param), "v1")
+    assert engine.weight_version == "v1"
+    second = engine.generate_batch(request)
+    assert {r.weight_version for r in second} == {"v1"} and second[0].extra["weight_versions"] == ["v1"]
+    assert second[0].output_ids != first[0].output_ids
+    assert_matches_full_forward(Runner(other), request, second)
+
+    engine.update_weights(sampler_hf_dirs["base"], "v2")
+    third = engine.generate_batch(request)
+    assert [r.output_ids for r in third] == [r.output_ids for r in first]
+    assert {r.weight_version for r in third} == {"v2"} and engine.compilations() == compiled
+
+    with pytest.raises(ValueError, match="shape"):
+        engine.update_weights(nnx.State({"norm": {"scale": nnx.Param(np.ones(3, np.float32))}}), "bad")
+    engine.close()
+
+
+def test_close_resolves_requests_and_refuses_new_ones(sampler_model):
+    engine = JaxSampler(sampler_model, SamplerConfig(max_slots=2, max_total_len=64, min_prefill_bucket=32))
+    futures = engine.submit([text_request(4, greedy(60)), text_request(5, greedy(60)), text_request(6, greedy(60))])
+    engine.close()
+    results = [f.result(timeout=60) for f in futures]
+    assert all(r.finish_reason in ("abort", "length") for r in results)
+    assert any(r.finish_reason == "abort" for r in results)  # the third never got a slot before close
+    with pytest.raises(EngineError, match="closed"):
+        engine.submit([text_request(4, greedy())])
