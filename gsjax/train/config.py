@@ -109,6 +109,9 @@ class TrainSection:
     export_hf_at_end: bool = True
     tensorboard: bool = True  # only when tensorboardX or torch's writer is importable
     peak_flops_per_device: float | None = None  # for MFU; None: MFU is not reported
+    # LM head + cross-entropy over this many positions at a time (0: all at once); bounds the (B, L, V)
+    # fp32 logits that dominate activation memory with a 150k vocabulary at long sequences
+    logits_chunk: int = 0
 
     def __post_init__(self) -> None:
         # Store the explicit prefix list, so saved configs say exactly what was frozen.
@@ -440,6 +443,8 @@ def _problems(c: SFTConfig) -> list[str]:
         out.append(f"train.steps must be > 0, got {t.steps}")
     if t.epochs is not None and t.epochs <= 0:
         out.append(f"train.epochs must be > 0, got {t.epochs}")
+    if t.logits_chunk < 0:
+        out.append(f"train.logits_chunk must be >= 0 (0: no chunking), got {t.logits_chunk}")
     for name in ("grad_accum", "log_every", "checkpoint_every", "keep_checkpoints"):
         if getattr(t, name) < 1:
             out.append(f"train.{name} must be >= 1, got {getattr(t, name)}")

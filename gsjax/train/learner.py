@@ -8,6 +8,7 @@ batch because gradients of loss *sums* are added and divided once by the total d
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -22,17 +23,29 @@ from gsjax.models.qwen3_vl.model import Qwen3VL
 from gsjax.models.qwen3_vl.vision import VisionInputs
 from gsjax.parallel.sharding import Rules, batch_sharding, logical_sharding
 
-from .losses import token_cross_entropy
+from .losses import chunked_token_logprobs, masked_nll, token_logprobs
 from .state import ShardedSetup, TrainState
 
 Batch = Mapping[str, Any]
 LossFn = Callable[[Qwen3VL, Batch], tuple[jax.Array, jax.Array]]
 
 
-def sft_loss(model: Qwen3VL, batch: Batch) -> tuple[jax.Array, jax.Array]:
+def target_logprobs(model: Qwen3VL, batch: Batch, logits_chunk: int = 0) -> jax.Array:
+    """log p(targets) at every position; with `logits_chunk` > 0 the LM head runs chunk by chunk."""
+    args = (batch["input_ids"], batch["positions"], batch["attention_mask"], batch.get("vision"))
+    if logits_chunk <= 0:
+        return token_logprobs(model(*args).logits, batch["targets"])
+    hidden = model(*args, compute_logits=False).hidden
+    return chunked_token_logprobs(hidden, model.lm_head_matrix(), batch["targets"], logits_chunk)
+
+
+def sft_loss(model: Qwen3VL, batch: Batch, logits_chunk: int = 0) -> tuple[jax.Array, jax.Array]:
     """Masked next-token cross-entropy: (Σ NLL over target tokens, number of target tokens)."""
-    out = model(batch["input_ids"], batch["positions"], batch["attention_mask"], batch.get("vision"))
-    return token_cross_entropy(out.logits, batch["targets"], batch["target_mask"])
+    return masked_nll(target_logprobs(model, batch, logits_chunk), batch["target_mask"])
+
+
+def make_sft_loss(logits_chunk: int = 0) -> LossFn:
+    return functools.partial(sft_loss, logits_chunk=logits_chunk)
 
 
 def device_batch(batch: Batch) -> dict[str, Any]:

@@ -31,7 +31,7 @@ from gsjax.processing.tokenizer import load_tokenizer
 
 from .checkpointing import Checkpointer, abstract_train_state
 from .config import SFTConfig, SFTConfigError, check_freeze
-from .learner import Learner, check_batch_size
+from .learner import Learner, check_batch_size, make_sft_loss
 from .metrics import MetricsLogger, StepTimer
 from .state import (
     ShardedSetup,
@@ -127,7 +127,7 @@ def run_sft(cfg: SFTConfig, *, progress: bool = True, console: Console | None = 
         log.info("resumed from step %d (data position %s)", start, restored.data_state.get("next_step"))
     else:
         state, start = initial_state(cfg, model_config, optimizer, setup), 0
-    learner = Learner(setup, optimizer)
+    learner = Learner(setup, optimizer, make_sft_loss(cfg.train.logits_chunk))
     peak = cfg.train.peak_flops_per_device
     timer = StepTimer(model_config, None if peak is None else peak * jax.device_count())
     end = total if stop_after_steps is None else min(total, start + stop_after_steps)

@@ -186,3 +186,23 @@ def test_indivisible_layout_is_refused_with_the_parameter_named():
         pytest.skip("needs two devices")
     with pytest.raises(ShardingError, match=r"parameter layers\.0\.self_attn\.[qk]_proj: dimension 1 .* does not divide"):
         make_learner(config, MeshConfig(fsdp=1, tensor=2))
+
+
+@pytest.mark.parametrize("chunk", [7, 24])
+def test_chunked_lm_head_loss_equals_the_full_one(chunk):
+    """Same loss and gradients with the LM head applied 7 (padded) or 24 positions at a time."""
+    from gsjax.models.qwen3_vl.model import Qwen3VL
+    from gsjax.train.learner import sft_loss
+
+    config = tiny_config()
+    model = Qwen3VL(config, rngs=nnx.Rngs(0))
+    batch = make_batch(config, 2, seed=5)
+
+    def mean_loss(m, logits_chunk):
+        s, d = sft_loss(m, batch, logits_chunk)
+        return s / d
+
+    full, g_full = nnx.value_and_grad(lambda m: mean_loss(m, 0))(model)
+    chunked, g_chunk = nnx.value_and_grad(lambda m: mean_loss(m, chunk))(model)
+    np.testing.assert_allclose(float(chunked), float(full), rtol=1e-6)
+    assert _max_diff(_host(nnx.state(g_full)), _host(nnx.state(g_chunk))) < 1e-6

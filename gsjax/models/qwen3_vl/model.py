@@ -22,8 +22,8 @@ from .rope import get_rope_index, mrope_cos_sin
 from .text import DecoderLayer, LayerCache, RouterStats
 from .vision import VisionInputs, VisionTower, vision_inputs
 
-
 RESIDUAL = ("act_batch", "act_length", "act_embed")
+LOGITS = ("act_batch", "act_length", "act_vocab")
 
 
 @jax.tree_util.register_dataclass
@@ -37,7 +37,7 @@ class DecodeCache:
 
     @classmethod
     def create(cls, config: Qwen3VLConfig, batch: int, max_len: int, dtype: jnp.dtype | None = None
-               ) -> "DecodeCache":
+               ) -> DecodeCache:
         t = config.text
         dt = dtype or dtype_of(config.runtime.dtype)
         shape = (batch, max_len, t.num_key_value_heads, t.head_dim)
@@ -49,7 +49,7 @@ class DecodeCache:
 @jax.tree_util.register_dataclass
 @dataclass(frozen=True)
 class ModelOutput:
-    logits: jax.Array  # (B, L, V) in the activation dtype; (B, T, V) for a logits_index (B, T)
+    logits: jax.Array | None  # (B, L, V) in the activation dtype; (B, T, V) for a logits_index; None if skipped
     cache: DecodeCache | None = None
     router: RouterStats | None = None  # summed over MoE layers (None for dense models)
     hidden: jax.Array | None = None  # final-norm hidden states when asked for
@@ -71,12 +71,15 @@ class Qwen3VL(nnx.Module):
 
     def __call__(self, input_ids: jax.Array, positions: jax.Array, attention_mask: jax.Array | None = None,
                  vision: VisionInputs | None = None, *, cache: DecodeCache | None = None,
-                 return_hidden: bool = False, logits_index: jax.Array | None = None) -> ModelOutput:
+                 return_hidden: bool = False, logits_index: jax.Array | None = None,
+                 compute_logits: bool = True) -> ModelOutput:
         """input_ids (B, L); positions (3, B, L) M-RoPE ids; attention_mask (B, L) of valid tokens.
 
         With `cache`, the L new tokens are written after each row's cached tokens and attend to them.
         `logits_index` (B, T) picks the positions whose logits are computed (a sampler's prefill needs one
         per row; the full (B, L, V) logits of a long prompt would cost a vocab-sized matmul per token).
+        `compute_logits=False` stops at the final-norm hidden states (returned as `hidden`): a loss can then
+        apply `lm_head_matrix()` chunk by chunk instead of holding all (B, L, V) logits at once.
         """
         cfg = self.config
         # FSDP gathers the table's embed dim for the lookup; the vocab dim may stay tensor-sharded.
@@ -114,12 +117,18 @@ class Qwen3VL(nnx.Module):
             if i < len(deepstack):  # DeepStack: features of vision tap i go after text layer i
                 x = scatter_visual(x, visual_mask, deepstack[i], add=True)
         hidden = self.norm(x)
-        head = (self.embed_tokens[...].T if self.lm_head is None else self.lm_head[...]).astype(self.dtype)
-        picked = hidden if logits_index is None else jnp.take_along_axis(hidden, logits_index[..., None], axis=1)
-        logits = constrain(picked @ head, ("act_batch", "act_length", "act_vocab"))
+        logits = None
+        if compute_logits:
+            picked = hidden if logits_index is None else jnp.take_along_axis(hidden, logits_index[..., None], axis=1)
+            logits = constrain(picked @ self.lm_head_matrix(), LOGITS)
         if cache is not None:
             cache = DecodeCache(layers=new_layer_caches, kv_valid=cache.kv_valid, lengths=cache.lengths)
-        return ModelOutput(logits=logits, cache=cache, router=router, hidden=hidden if return_hidden else None)
+        keep_hidden = return_hidden or not compute_logits
+        return ModelOutput(logits=logits, cache=cache, router=router, hidden=hidden if keep_hidden else None)
+
+    def lm_head_matrix(self) -> jax.Array:
+        """(hidden, vocab) output projection in the compute dtype (the embedding, transposed, when tied)."""
+        return (self.embed_tokens[...].T if self.lm_head is None else self.lm_head[...]).astype(self.dtype)
 
 
 def scatter_visual(x: jax.Array, visual_mask: jax.Array, feats: jax.Array, add: bool = False) -> jax.Array:
