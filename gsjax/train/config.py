@@ -174,9 +174,10 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     return SFTConfig.from_dict(apply_overrides(raw, overrides))
 
 
-def apply_overrides(raw: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+def apply_overrides(raw: Mapping[str, Any], overrides: Sequence[str], root: type | None = None) -> dict[str, Any]:
     """A copy of `raw` with each `a.b.c=value` set. Values stay strings (coerced later by field type),
-    except under free-form dict fields (`data`), where they are parsed as YAML scalars/lists."""
+    except under free-form dict fields of `root` (default SFTConfig: `data`), where they are parsed as
+    YAML scalars/lists."""
     out = _deep_copy(raw)
     for item in overrides:
         key, sep, value = item.partition("=")
@@ -186,7 +187,7 @@ def apply_overrides(raw: Mapping[str, Any], overrides: Sequence[str]) -> dict[st
         parts = key.split(".")
         if any(not p for p in parts):
             raise SFTConfigError(f"override key {key!r} has an empty component")
-        parsed: Any = _parse_yaml_value(value, key) if _is_free_form(parts) else value
+        parsed: Any = _parse_yaml_value(value, key) if _is_free_form(parts, root or SFTConfig) else value
         node = out
         for depth, part in enumerate(parts[:-1]):
             child = node.setdefault(part, {})
@@ -202,9 +203,9 @@ def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def _is_free_form(parts: Sequence[str]) -> bool:
-    """True when the path enters a plain dict field (no declared types below it)."""
-    cls: Any = SFTConfig
+def _is_free_form(parts: Sequence[str], root: type) -> bool:
+    """True when the path enters a plain dict field of `root` (no declared types below it)."""
+    cls: Any = root
     for part in parts[:-1]:
         if not dataclasses.is_dataclass(cls):
             return False

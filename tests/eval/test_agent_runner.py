@@ -233,3 +233,10 @@ def test_a_web_run_without_a_serper_key_is_refused(tmp_path: Path, monkeypatch: 
                                         "--out", str(tmp_path / "run")])
     assert res.exit_code == 2 and "SERPER_KEY_ID" in res.output
     assert not (tmp_path / "run" / "results.json").exists()
+
+
+def test_shipped_agent_eval_config_loads():
+    path = Path(__file__).resolve().parents[2] / "configs" / "agent_eval.yaml"
+    cfg = load_run_config(path, env={})
+    assert cfg.policy.base_url == "http://127.0.0.1:8001/v1"
+    assert cfg.tools.backend == "serper"

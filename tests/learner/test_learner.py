@@ -184,7 +184,8 @@ def test_indivisible_layout_is_refused_with_the_parameter_named():
                                                                            num_attention_heads=3, head_dim=24))
     if jax.device_count() < 2:
         pytest.skip("needs two devices")
-    with pytest.raises(ShardingError, match=r"parameter layers\.0\.self_attn\.[qk]_proj: dimension 1 .* does not divide"):
+    named = r"parameter layers\.0\.self_attn\.[qk]_proj: dimension 1 .* does not divide"
+    with pytest.raises(ShardingError, match=named):
         make_learner(config, MeshConfig(fsdp=1, tensor=2))
 
 

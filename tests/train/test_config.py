@@ -22,7 +22,7 @@ from gsjax.train.config import (
 )
 from gsjax.train.state import split_model
 
-CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
+CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("sft_*.yaml"))  # the SFT recipes
 BASE = ["train.steps=10"]
 
 
