@@ -3,9 +3,13 @@ load, a step timer and nominal accelerator peaks for MFU. Benchmarks print JSON;
 
 from __future__ import annotations
 
+import argparse
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+import numpy as np
 
 WORKLOADS: dict[str, dict] = {
     # perf-notes.md: hidden 256, 4 layers, 8/4 heads, hd 32, SwiGLU 768, vocab 4096
@@ -50,3 +54,47 @@ def peak_flops(device_name: str, override_tflops: float | None) -> float | None:
     if override_tflops:
         return override_tflops * 1e12
     return next((v for k, v in NOMINAL_BF16_PEAK.items() if k in device_name), None)
+
+
+def training_bench_parser(description: str, dtype_help: str) -> argparse.ArgumentParser:
+    """The options every gsjax-vs-PyTorch training benchmark shares (workload, shape, dtype, timing)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workload", choices=sorted(WORKLOADS), default="cpu-small")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=512)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help=dtype_help)
+    parser.add_argument("--attention", default="auto", help="gsjax attention kernel: auto|xla|chunked|cudnn")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--peak-tflops", type=float, default=None)
+    parser.add_argument("--skip-torch", action="store_true")
+    return parser
+
+
+def random_token_ids(config, batch: int, seq: int, seed: int = 0) -> np.ndarray:
+    """Text token ids below the special/vision ids of the workloads' vocabularies."""
+    vocab = min(config.text.vocab_size, 4000)
+    return np.random.default_rng(seed).integers(0, vocab, size=(batch, seq))
+
+
+def comparison(bench: str, args: argparse.Namespace, config, ours: dict, theirs: dict | None,
+               loss_key: str, **extra: object) -> dict:
+    """One JSON record: both sides' tokens/s and MFU (spec §7 convention), their ratio and loss agreement."""
+    from gsjax.models.qwen3_vl.flops import mfu, train_flops_per_token
+
+    tokens = args.batch * args.seq
+    flops = train_flops_per_token(config, args.seq)
+    peak = peak_flops(ours["device"], args.peak_tflops)
+
+    def throughput(side: dict) -> dict:
+        rate = tokens / side["seconds_per_step"]
+        return {**side, "tokens_per_s": rate, "mfu": None if peak is None else mfu(rate, flops, peak)}
+
+    result = {"bench": bench, "workload": args.workload, "batch": args.batch, "seq": args.seq, "dtype": args.dtype,
+              **extra, "flops_per_token": flops, "mfu_convention": "6N + causal attention, nominal peak",
+              "cpu_count": os.cpu_count(), "gsjax": throughput(ours)}
+    if theirs is not None:
+        result["torch"] = throughput(theirs)
+        result["speed_ratio_gsjax_over_torch"] = theirs["seconds_per_step"] / ours["seconds_per_step"]
+        result[f"{loss_key}_abs_diff"] = abs(ours[loss_key] - theirs[loss_key])
+    return result

@@ -13,16 +13,20 @@ against --peak-tflops (default: nominal bf16 dense peak of the detected GPU, non
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-from gsjax.benchmarking import WORKLOADS, build_checkpoint, peak_flops, time_steps
+from gsjax.benchmarking import (
+    build_checkpoint,
+    comparison,
+    random_token_ids,
+    time_steps,
+    training_bench_parser,
+)
 
 
 def bench_gsjax(ckpt: Path, ids: np.ndarray, dtype: str, warmup: int, steps: int, attention: str) -> dict:
@@ -89,45 +93,18 @@ def bench_torch(ckpt: Path, ids: np.ndarray, dtype: str, warmup: int, steps: int
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workload", choices=sorted(WORKLOADS), default="cpu-small")
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=512)
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                        help="compute dtype (params fp32 on both sides; torch uses autocast for bf16)")
-    parser.add_argument("--attention", default="auto", help="gsjax attention kernel: auto|xla|chunked|cudnn")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--peak-tflops", type=float, default=None)
-    parser.add_argument("--skip-torch", action="store_true")
+    parser = training_bench_parser(__doc__, "compute dtype (params fp32 on both sides; torch uses autocast for bf16)")
     args = parser.parse_args()
 
     from gsjax.models.qwen3_vl.config import Qwen3VLConfig
-    from gsjax.models.qwen3_vl.flops import mfu, train_flops_per_token
 
     with tempfile.TemporaryDirectory() as tmp:
-        ckpt = build_checkpoint(args.workload, Path(tmp) / "ckpt", "float32")
+        ckpt = build_checkpoint(args.workload, Path(tmp) / "ckpt")
         config = Qwen3VLConfig.from_file(ckpt)
-        vocab = min(config.text.vocab_size, 4000)
-        ids = np.random.default_rng(0).integers(0, vocab, size=(args.batch, args.seq))
+        ids = random_token_ids(config, args.batch, args.seq)
         ours = bench_gsjax(ckpt, ids, args.dtype, args.warmup, args.steps, args.attention)
         theirs = None if args.skip_torch else bench_torch(ckpt, ids, args.dtype, args.warmup, args.steps)
-    tokens = args.batch * args.seq
-    flops = train_flops_per_token(config, args.seq)
-    peak = peak_flops(ours["device"], args.peak_tflops)
-    result = {
-        "bench": "forward_backward", "workload": args.workload, "batch": args.batch, "seq": args.seq,
-        "dtype": args.dtype, "flops_per_token": flops, "mfu_convention": "6N + causal attention, nominal peak",
-        "gsjax": {**ours, "tokens_per_s": tokens / ours["seconds_per_step"],
-                  "mfu": None if peak is None else mfu(tokens / ours["seconds_per_step"], flops, peak)},
-        "cpu_count": os.cpu_count(),
-    }
-    if theirs is not None:
-        result["torch"] = {**theirs, "tokens_per_s": tokens / theirs["seconds_per_step"],
-                           "mfu": None if peak is None else mfu(tokens / theirs["seconds_per_step"], flops, peak)}
-        result["speed_ratio_gsjax_over_torch"] = theirs["seconds_per_step"] / ours["seconds_per_step"]
-        result["loss_abs_diff"] = abs(ours["loss"] - theirs["loss"])
-    print(json.dumps(result))
+    print(json.dumps(comparison("forward_backward", args, config, ours, theirs, "loss")))
 
 
 if __name__ == "__main__":

@@ -13,16 +13,20 @@ gsjax runs its real `Learner` (jit, donated state, mesh over all local devices, 
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-from gsjax.benchmarking import WORKLOADS, build_checkpoint, peak_flops, time_steps
+from gsjax.benchmarking import (
+    build_checkpoint,
+    comparison,
+    random_token_ids,
+    time_steps,
+    training_bench_parser,
+)
 
 LR, WEIGHT_DECAY, CLIP = 1e-5, 1e-6, 1.0
 
@@ -112,47 +116,20 @@ def bench_torch(ckpt: Path, ids: np.ndarray, dtype: str, warmup: int, steps: int
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workload", choices=sorted(WORKLOADS), default="cpu-small")
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=512)
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                        help="compute dtype (params and AdamW state fp32 on both sides; torch uses autocast)")
+    parser = training_bench_parser(
+        __doc__, "compute dtype (params and AdamW state fp32 on both sides; torch uses autocast)")
     parser.add_argument("--remat", default="none", help="gsjax remat policy: none|full|dots|dots_no_batch")
-    parser.add_argument("--attention", default="auto", help="gsjax attention kernel: auto|xla|chunked|cudnn")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--peak-tflops", type=float, default=None)
-    parser.add_argument("--skip-torch", action="store_true")
     args = parser.parse_args()
 
     from gsjax.models.qwen3_vl.config import Qwen3VLConfig
-    from gsjax.models.qwen3_vl.flops import mfu, train_flops_per_token
 
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = build_checkpoint(args.workload, Path(tmp) / "ckpt")
         config = Qwen3VLConfig.from_file(ckpt)
-        vocab = min(config.text.vocab_size, 4000)
-        ids = np.random.default_rng(0).integers(0, vocab, size=(args.batch, args.seq))
+        ids = random_token_ids(config, args.batch, args.seq)
         ours = bench_gsjax(ckpt, ids, args.dtype, args.remat, args.attention, args.warmup, args.steps)
         theirs = None if args.skip_torch else bench_torch(ckpt, ids, args.dtype, args.warmup, args.steps)
-    tokens = args.batch * args.seq
-    flops = train_flops_per_token(config, args.seq)
-    peak = peak_flops(ours["device"], args.peak_tflops)
-
-    def throughput(side: dict) -> dict:
-        rate = tokens / side["seconds_per_step"]
-        return {**side, "tokens_per_s": rate, "mfu": None if peak is None else mfu(rate, flops, peak)}
-
-    result = {"bench": "sft_step", "workload": args.workload, "batch": args.batch, "seq": args.seq,
-              "dtype": args.dtype, "optimizer": "adamw+clip", "flops_per_token": flops,
-              "mfu_convention": "6N + causal attention, nominal peak", "cpu_count": os.cpu_count(),
-              "gsjax": throughput(ours)}
-    if theirs is not None:
-        result["torch"] = throughput(theirs)
-        result["speed_ratio_gsjax_over_torch"] = theirs["seconds_per_step"] / ours["seconds_per_step"]
-        result["first_loss_abs_diff"] = abs(ours["first_loss"] - theirs["first_loss"])
-    print(json.dumps(result))
+    print(json.dumps(comparison("sft_step", args, config, ours, theirs, "first_loss", optimizer="adamw+clip")))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -31,3 +32,15 @@ def test_logits_command_rejects_incomplete_inputs(hf_dirs, tmp_path):
     assert proc.returncode != 0
     assert "pixel_values and image_grid_thw must be given together" in proc.stderr
     assert not (tmp_path / "out.npy").exists()
+
+
+@pytest.mark.parametrize("script", ["bench_forward.py", "bench_sft.py"])
+def test_training_benchmarks_print_one_json_comparison(script):
+    """Smallest shape: the JSON carries both sides, their ratio and equal first losses (same weights, batch)."""
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / script), "--batch", "1", "--seq", "32",
+                           "--steps", "1", "--warmup", "0"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["gsjax"]["tokens_per_s"] > 0 and result["torch"]["tokens_per_s"] > 0
+    assert result["speed_ratio_gsjax_over_torch"] > 0
+    assert min(v for k, v in result.items() if k.endswith("loss_abs_diff")) < 1e-4
