@@ -71,6 +71,7 @@ EAGER_REMAT_SAVING = TokenCounts(inter=1)
 EAGER_DEFERRED_WITH_TP = TokenCounts(inter=NONE_COUNTS.inter)
 HEAD_LOGIT_ROWS = 2.0  # fp32 (T, V) logits and their gradient
 HEAD_TABLES = 2.5  # gathered (V, H) tables: LM head, its full gradient, the embedding-gradient target (part)
+CHUNKED_HEAD_EXTRA_TABLES = 1.5  # chunked loss: the head gradient carried through the scan + one block's partial
 MASK_BYTES_PER_ELEMENT = 4  # the dense causal mask as an additive fp32 bias, xla kernel only
 WORKSPACE_BYTES = 2 * MIB  # ids, targets, positions, reductions, small fusions
 
@@ -96,6 +97,7 @@ class LocalDims:
     moe_topk: int = 0
     moe_inter: int = 0  # expert MLP width on this device
     num_experts: int = 0
+    logit_tokens: int = 0  # positions whose fp32 logits are live at once (tokens, or rows × logits_chunk)
 
 
 @dataclass(frozen=True)
@@ -156,7 +158,9 @@ def decoder_bytes(policies: list[str], moe_layers: list[bool], d: LocalDims, gat
 
 def head_bytes(d: LocalDims, vocab_table_bytes: float) -> int:
     """Loss and LM-head working set: fp32 logits rows and the gathered vocab tables (compute dtype)."""
-    return int(HEAD_LOGIT_ROWS * d.tokens * d.vocab * 4 + HEAD_TABLES * vocab_table_bytes)
+    chunked = 0 < d.logit_tokens < d.tokens
+    tables = HEAD_TABLES + (CHUNKED_HEAD_EXTRA_TABLES if chunked else 0.0)
+    return int(HEAD_LOGIT_ROWS * (d.logit_tokens or d.tokens) * d.vocab * 4 + tables * vocab_table_bytes)
 
 
 def other_bytes(d: LocalDims) -> int:

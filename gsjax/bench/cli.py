@@ -55,6 +55,8 @@ def estimate(
     backend: Annotated[str, typer.Option(help="gpu | tpu | cpu: picks the auto attention kernel and how "
                                               "recomputation is scheduled")] = "gpu",
     recompute: Annotated[str | None, typer.Option(help="lazy | eager (default: eager on cpu, else lazy)")] = None,
+    logits_chunk: Annotated[int, typer.Option(help="train.logits_chunk: LM head + loss this many positions at "
+                                                   "a time (0: all at once)")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
 ) -> None:
     """Analytic per-device memory of one SFT step (params, grads, optimizer, activations) — no allocation."""
@@ -70,7 +72,7 @@ def estimate(
     try:
         config = load_model_config(model, remat, dtype, param_dtype, attention)
         result = estimate_memory(config, parse_mesh(mesh), batch, seq, freeze=_freeze(freeze), backend=backend,
-                                 recompute=recompute)
+                                 recompute=recompute, logits_chunk=logits_chunk)
     except (ValueError, FileNotFoundError) as e:
         raise typer.BadParameter(str(e)) from e
     meta = {"model": model, "mesh": mesh, "seq": seq, "batch": batch, "remat": remat, "dtype": dtype,

@@ -16,7 +16,7 @@ import numpy as np
 from gsjax.models.qwen3_vl.config import Qwen3VLConfig
 from gsjax.parallel.mesh import MeshConfig, build_mesh
 from gsjax.parallel.sharding import DEFAULT_RULES, Rules, batch_sharding
-from gsjax.train.learner import Learner
+from gsjax.train.learner import Learner, make_sft_loss
 from gsjax.train.state import OptimizerSettings, ShardedSetup, init_state, make_optimizer, state_shardings
 
 from .estimate import xla_peak_bytes
@@ -24,11 +24,11 @@ from .estimate import xla_peak_bytes
 
 def make_learner(config: Qwen3VLConfig, mesh: MeshConfig, freeze: Sequence[str] = ("visual",),
                  optim: OptimizerSettings = OptimizerSettings(), rules: Rules = DEFAULT_RULES,
-                 devices: Sequence[jax.Device] | None = None) -> Learner:
-    """A Learner on a mesh built from `mesh` over `devices` (default: all)."""
+                 devices: Sequence[jax.Device] | None = None, logits_chunk: int = 0) -> Learner:
+    """A Learner (SFT loss, LM head in `logits_chunk` blocks when > 0) on a mesh over `devices` (default: all)."""
     optimizer = make_optimizer(optim)
     setup = state_shardings(config, tuple(freeze), optimizer, build_mesh(mesh, devices), rules)
-    return Learner(setup, optimizer)
+    return Learner(setup, optimizer, make_sft_loss(logits_chunk))
 
 
 def abstract_state(config: Qwen3VLConfig, learner: Learner, freeze: Sequence[str]) -> Any:

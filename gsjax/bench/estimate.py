@@ -104,8 +104,9 @@ def _local(shape: tuple[int, ...], names: tuple[str | None, ...], sizes: dict[st
 
 
 def local_dims(config: Qwen3VLConfig, sizes: dict[str, int], batch: int, seq: int, kernel: str,
-               rules: Rules = DEFAULT_RULES) -> LocalDims:
-    """Per-device tensor sizes under the activation rules the model's `constrain` calls use."""
+               rules: Rules = DEFAULT_RULES, logits_chunk: int = 0) -> LocalDims:
+    """Per-device tensor sizes under the activation rules the model's `constrain` calls use; with
+    `logits_chunk` the loss holds one (rows, chunk, V) block of logits at a time."""
     t = config.text
     rows, length, hidden = _local((batch, seq, t.hidden_size), ("act_batch", "act_length", "act_embed"), sizes,
                                   rules)
@@ -129,13 +130,14 @@ def local_dims(config: Qwen3VLConfig, sizes: dict[str, int], batch: int, seq: in
         score_fp32_only=kernel == "cudnn", mask_elements=0 if kernel == "cudnn" else int(tokens * keys),
         act_bytes=DTYPE_BYTES[config.runtime.dtype], moe_topk=t.num_experts_per_tok, moe_inter=moe_inter,
         num_experts=t.num_experts, tensor=sizes.get("tensor", 1),
+        logit_tokens=rows * min(logits_chunk, length) if logits_chunk > 0 else tokens,
     )
 
 
 def estimate_memory(config: Qwen3VLConfig, mesh: MeshConfig, batch: int, seq: int, *,
                     freeze: tuple[str, ...] = ("visual",), optim: OptimizerSettings = OptimizerSettings(),
                     rules: Rules = DEFAULT_RULES, backend: Backend = "gpu", recompute: Recompute | None = None,
-                    num_devices: int | None = None) -> MemoryEstimate:
+                    num_devices: int | None = None, logits_chunk: int = 0) -> MemoryEstimate:
     """Per-device memory of one `Learner` step on text-only batches of `batch` rows × `seq` tokens.
 
     `recompute` defaults to "eager" on cpu (XLA:CPU hoists rematerialisation) and "lazy" elsewhere.
@@ -149,7 +151,7 @@ def estimate_memory(config: Qwen3VLConfig, mesh: MeshConfig, batch: int, seq: in
     recompute = recompute or ("eager" if backend == "cpu" else "lazy")
     kernel = resolve_kernel(config.runtime.attention_impl, backend, config.runtime.dtype)
     state: StateBytes = state_bytes(config, tuple(sorted(sizes.items())), tuple(freeze), optim, tuple(rules))
-    d = local_dims(config, sizes, batch, seq, kernel, rules)
+    d = local_dims(config, sizes, batch, seq, kernel, rules, logits_chunk)
     cast = DTYPE_BYTES[config.runtime.dtype] / DTYPE_BYTES[config.runtime.param_dtype]
     gathered = {kind: b * cast for kind, b in state.gathered_layer.items()}
     t = config.text
