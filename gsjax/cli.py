@@ -21,11 +21,13 @@ from gsjax.bench.cli import bench_app, estimate  # noqa: E402
 from gsjax.eval.cli import eval_app  # noqa: E402
 from gsjax.imagegen.cli import serve_image  # noqa: E402
 from gsjax.rollout.cli import serve_policy  # noqa: E402
+from gsjax.train.grpo_cli import grpo  # noqa: E402
 
 app.add_typer(agent_app, name="agent", help="Run the search agent on a prompt (live trajectory, saved result).")
 app.add_typer(eval_app, name="eval", help="KnowGen and WISE evaluation: run, generate, judge, score, compare.")
 app.add_typer(bench_app, name="bench", help="Benchmarks: mesh layouts (step time, tokens/s, peak bytes).")
 app.command(help="Analytic per-device memory (params, grads, optimizer, activations) for a model and mesh.")(estimate)
+app.command("grpo", help="Multi-turn agentic GRPO with the dual reward; resumes from train.out_dir.")(grpo)
 app.command("serve-policy", help="Serve the policy: OpenAI chat + SGLang-style /generate, weight updates.")(
     serve_policy)
 app.command("serve-image", help="Serve a diffusers image(-edit) pipeline over HTTP (POST /generate).")(serve_image)
