@@ -48,6 +48,7 @@ from .grpo_metrics import group_metrics, rollout_metrics
 from .grpo_rewards import RolloutRewarder, make_episode_rewarder
 from .grpo_toy import ToyEnvironment
 from .learner import batch_parts
+from .losses import combine_metric_stats, finalize_metrics
 from .metrics import MetricsLogger, throughput
 from .rl_batch import ImageTokenMismatch, RLSample, build_rl_batches, rl_sample
 from .rollout_phase import AgentEnvironment, Environment, Rollout, run_rollouts
@@ -212,12 +213,13 @@ def update_policy(ctx: StepContext, state: TrainState, samples: Sequence[RLSampl
     if ctx.cfg.advantage.old_logprobs == "recompute":
         minibatches = [[with_old_logprobs(b, ctx.learner.logprobs(state, b)) for b in mb] for mb in minibatches]
     tokens = seq = pixel_rows = 0.0
-    losses, norms = [], []
+    losses, norms, stats = [], [], []
     for micro in minibatches:
         state, metrics = (ctx.learner.step(state, micro[0]) if len(micro) == 1
                           else ctx.learner.accumulate(state, micro))
         losses.append(float(metrics["loss"]))
         norms.append(float(metrics["grad_norm"]))
+        stats.append(jax.device_get(metrics.get("stats", {})))
         for b in micro:
             tokens += float(np.asarray(b["attention_mask"]).sum())
             seq = max(seq, float(b["input_ids"].shape[1]))
@@ -228,6 +230,8 @@ def update_policy(ctx: StepContext, state: TrainState, samples: Sequence[RLSampl
            "update/trained_tokens": tokens, "update/seq_len": seq, "update/images": float(images),
            "update/pixel_rows": pixel_rows, "update/minibatches": float(len(minibatches)),
            "update/micro_batches": float(sum(len(m) for m in minibatches))}
+    # clip fractions, PPO KL, ratio (max), rollout/trainer logprob mismatch, over the step's mini-batches
+    out.update({f"policy/{k}": v for k, v in finalize_metrics(combine_metric_stats(stats)).items()})
     return state, out, batches.excluded
 
 

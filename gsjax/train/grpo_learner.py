@@ -27,21 +27,19 @@ RL_KEYS = ("old_logprobs", "rollout_logprobs", "advantages", "row_denominator", 
 
 
 def make_grpo_loss(cfg: GRPOLossConfig, logits_chunk: int = 0) -> LossFn:
-    """(model, batch) -> (loss numerator, denominator) of the GRPO policy loss on an RL batch."""
+    """(model, batch) -> (loss numerator, denominator, statistics) of the GRPO policy loss on an RL batch."""
     if cfg.temperature != 1.0 or cfg.entropy_coef != 0:
-        def full(model: Any, batch: Batch) -> tuple[jax.Array, jax.Array]:
-            numerator, denominator, _ = policy_loss_terms(model, batch, cfg)
-            return numerator, denominator
+        def full(model: Any, batch: Batch) -> tuple[jax.Array, ...]:
+            return policy_loss_terms(model, batch, cfg)
 
         return full
 
-    def chunked(model: Any, batch: Batch) -> tuple[jax.Array, jax.Array]:
+    def chunked(model: Any, batch: Batch) -> tuple[jax.Array, ...]:
         logprobs = target_logprobs(model, batch, logits_chunk)
-        numerator, denominator, _ = grpo_policy_loss(
+        return grpo_policy_loss(
             logprobs, batch["old_logprobs"], batch["advantages"], batch["target_mask"], cfg,
             ref_logprobs=batch.get("ref_logprobs"), rollout_logprobs=batch.get("rollout_logprobs"),
             row_denominator=batch.get("row_denominator"))
-        return numerator, denominator
 
     return chunked
 

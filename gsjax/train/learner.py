@@ -27,7 +27,8 @@ from .losses import chunked_token_logprobs, masked_nll, token_logprobs
 from .state import ShardedSetup, TrainState
 
 Batch = Mapping[str, Any]
-LossFn = Callable[[Qwen3VL, Batch], tuple[jax.Array, jax.Array]]
+# (loss sum, denominator) or (loss sum, denominator, additive statistics for metrics)
+LossFn = Callable[[Qwen3VL, Batch], tuple[jax.Array, ...]]
 
 
 def target_logprobs(model: Qwen3VL, batch: Batch, logits_chunk: int = 0) -> jax.Array:
@@ -73,6 +74,11 @@ def check_batch_size(global_batch: int, mesh: Mesh, rules: Rules) -> None:
                          f"{dict(mesh.shape)}; use a batch size that is a multiple of {parts}")
 
 
+def merge_stats(a: Mapping[str, jax.Array], b: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    """Combine two micro-batches' loss statistics: sums add, `*_max` keys take the maximum."""
+    return {k: jnp.maximum(a[k], b[k]) if k.endswith("_max") else a[k] + b[k] for k in a}
+
+
 class Learner:
     def __init__(self, setup: ShardedSetup, optimizer: optax.GradientTransformation,
                  loss_fn: LossFn = sft_loss):
@@ -80,7 +86,7 @@ class Learner:
         self.optimizer = optimizer
         self.loss_fn = loss_fn
         shardings = setup.state_shardings
-        self._grad = jax.jit(self._grad_fn, out_shardings=(shardings["params"], None, None))
+        self._grad = jax.jit(self._grad_fn, out_shardings=(shardings["params"], None, None, None))
         self._apply = jax.jit(self._apply_fn, out_shardings=(shardings, None), donate_argnums=(0,))
         self._step = jax.jit(self._step_fn, out_shardings=(shardings, None), donate_argnums=(0,))
 
@@ -91,27 +97,34 @@ class Learner:
             return self.loss_fn(model, batch)
 
     def _value_and_grad(self, state: TrainState, batch: Batch):
+        """Grads of the loss sum; aux = (denominator, stats). A LossFn may return (sum, denom) or
+        (sum, denom, stats) with additive statistics (keys ending in `_max` combine by maximum)."""
+
         def summed(params):
-            return self._loss(params, state["frozen"], batch)
+            out = self._loss(params, state["frozen"], batch)
+            loss_sum, denom, stats = out if len(out) == 3 else (*out, {})
+            return loss_sum, (denom, stats)
 
         return jax.value_and_grad(summed, has_aux=True)(state["params"])
 
     def _grad_fn(self, state: TrainState, batch: Batch):
-        (loss_sum, denom), grads = self._value_and_grad(state, batch)
-        return grads, loss_sum, denom
+        (loss_sum, (denom, stats)), grads = self._value_and_grad(state, batch)
+        return grads, loss_sum, denom, stats
 
-    def _apply_fn(self, state: TrainState, grad_sum, loss_sum, denom):
+    def _apply_fn(self, state: TrainState, grad_sum, loss_sum, denom, stats):
         scale = 1.0 / jnp.maximum(denom, 1.0)
         grads = jax.tree.map(lambda g: g * scale.astype(g.dtype), grad_sum)
         updates, opt_state = self.optimizer.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         new_state = {**state, "params": params, "opt_state": opt_state, "step": state["step"] + 1}
         metrics = {"loss": loss_sum * scale, "grad_norm": optax.tree.norm(grads), "tokens": denom}
+        if stats:
+            metrics["stats"] = stats
         return new_state, metrics
 
     def _step_fn(self, state: TrainState, batch: Batch):
-        (loss_sum, denom), grads = self._value_and_grad(state, batch)
-        return self._apply_fn(state, grads, loss_sum, denom)
+        (loss_sum, (denom, stats)), grads = self._value_and_grad(state, batch)
+        return self._apply_fn(state, grads, loss_sum, denom, stats)
 
     # ---------------------------------------------------------------- host API
     def shard_batch(self, batch: Batch) -> dict[str, Any]:
@@ -132,14 +145,14 @@ class Learner:
     def accumulate(self, state: TrainState, micro_batches: Iterable[Batch]
                    ) -> tuple[TrainState, dict[str, jax.Array]]:
         """One optimizer update from several micro-batches (equal to one step on their union)."""
-        grad_sum = loss_sum = denom = None
+        grad_sum = loss_sum = denom = stats = None
         for micro in micro_batches:
-            grads, ls, d = self._grad(state, self.shard_batch(micro))
+            grads, ls, d, st = self._grad(state, self.shard_batch(micro))
             if grad_sum is None:
-                grad_sum, loss_sum, denom = grads, ls, d
+                grad_sum, loss_sum, denom, stats = grads, ls, d, st
             else:
                 grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
-                loss_sum, denom = loss_sum + ls, denom + d
+                loss_sum, denom, stats = loss_sum + ls, denom + d, merge_stats(stats, st)
         if grad_sum is None:
             raise ValueError("accumulate() got no micro-batches")
-        return self._apply(state, grad_sum, loss_sum, denom)
+        return self._apply(state, grad_sum, loss_sum, denom, stats)

@@ -110,4 +110,9 @@ def test_minibatches_and_micro_batch_accumulation_with_rollout_old_logprobs(toy_
     for m in history:
         assert m["update/minibatches"] == 2 and m["update/micro_batches"] >= 4, m
         assert np.isfinite(m["update/loss"]) and m["update/grad_norm"] > 0
+        # per-token PPO statistics flow out of the jitted loss through accumulation
+        assert 0 <= m["policy/pg_clipfrac"] <= 1 and np.isfinite(m["policy/ppo_kl"])
+        assert m["policy/ratio_max"] > 0 and np.isfinite(m["policy/rollout_mismatch/abs_mean"])
+        # the second mini-batch of a step is off-policy: its ratio is not identically 1
+        assert m["policy/ratio_max"] != 1.0
     assert history[-1]["weight_version"] == 2
