@@ -159,19 +159,23 @@ class SFTConfig:
         return self
 
 
+def read_recipe(path: str | Path | None, error: type[Exception] = SFTConfigError) -> dict[str, Any]:
+    """A YAML recipe's top-level mapping ({} without a path); `error` names the file when it is not one."""
+    if path is None:
+        return {}
+    path = Path(path)
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise error(f"{path} is not valid YAML: {e}") from e
+    if loaded is not None and not isinstance(loaded, dict):
+        raise error(f"{path}: the top level must be a mapping, got {type(loaded).__name__}")
+    return loaded or {}
+
+
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> SFTConfig:
     """Read a YAML recipe (or start from defaults) and apply `a.b.c=value` overrides in order."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            raise SFTConfigError(f"{path} is not valid YAML: {e}") from e
-        if loaded is not None and not isinstance(loaded, dict):
-            raise SFTConfigError(f"{path}: the top level must be a mapping, got {type(loaded).__name__}")
-        raw = loaded or {}
-    return SFTConfig.from_dict(apply_overrides(raw, overrides))
+    return SFTConfig.from_dict(apply_overrides(read_recipe(path), overrides))
 
 
 def apply_overrides(raw: Mapping[str, Any], overrides: Sequence[str], root: type | None = None) -> dict[str, Any]:

@@ -15,12 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
 from gsjax.parallel.mesh import MeshConfig
 from gsjax.parallel.sharding import MeshAxes, Rules, rules_from_config
 
-from .config import ModelSection, OptimSection, SFTConfigError, TrainSection, _build, _plain, _problems
+from .config import ModelSection, OptimSection, SFTConfigError, TrainSection, _build, _plain, _problems, read_recipe
 from .config import apply_overrides as _apply_overrides
 from .losses import GRPOLossConfig
 from .rl_batch import RLBatchConfig
@@ -215,17 +213,7 @@ def _grpo_problems(c: GRPOConfig) -> list[str]:
 
 def load_grpo_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> GRPOConfig:
     """Read a YAML recipe (or start from defaults) and apply `a.b.c=value` overrides in order."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as err:
-            raise GRPOConfigError(f"{path} is not valid YAML: {err}") from err
-        if loaded is not None and not isinstance(loaded, dict):
-            raise GRPOConfigError(f"{path}: the top level must be a mapping, got {type(loaded).__name__}")
-        raw = loaded or {}
-    return GRPOConfig.from_dict(_apply_overrides(raw, overrides, root=GRPOConfig))
+    return GRPOConfig.from_dict(_apply_overrides(read_recipe(path, GRPOConfigError), overrides, root=GRPOConfig))
 
 
 def replace_section(cfg: GRPOConfig, section: str, **changes: Any) -> GRPOConfig:
