@@ -18,6 +18,7 @@ app = typer.Typer(
 
 from gsjax.agent.cli import agent_app  # noqa: E402  (sub-apps register at import time)
 from gsjax.bench.cli import bench_app, estimate  # noqa: E402
+from gsjax.demo.cli import demo  # noqa: E402
 from gsjax.eval.cli import eval_app  # noqa: E402
 from gsjax.imagegen.cli import serve_image  # noqa: E402
 from gsjax.rollout.cli import serve_policy  # noqa: E402
@@ -27,6 +28,8 @@ app.add_typer(agent_app, name="agent", help="Run the search agent on a prompt (l
 app.add_typer(eval_app, name="eval", help="KnowGen and WISE evaluation: run, generate, judge, score, compare.")
 app.add_typer(bench_app, name="bench", help="Benchmarks: mesh layouts (step time, tokens/s, peak bytes).")
 app.command(help="Analytic per-device memory (params, grads, optimizer, activations) for a model and mesh.")(estimate)
+app.command("demo", help="Offline CPU demo: agent trajectories -> SFT -> image server -> agentic GRPO "
+                         "(HEURISTIC rewards) -> report; resumes on rerun.")(demo)
 app.command("grpo", help="Multi-turn agentic GRPO with the dual reward; resumes from train.out_dir.")(grpo)
 app.command("serve-policy", help="Serve the policy: OpenAI chat + SGLang-style /generate, weight updates.")(
     serve_policy)
@@ -50,16 +53,6 @@ def logits(
     from gsjax.models.qwen3_vl.commands import write_logits
 
     write_logits(hf_dir, inputs, out, dtype)
-
-
-@app.command()
-def demo(
-    workdir: Annotated[Path, typer.Option(help="where the demo writes its files")] = Path("runs/demo"),
-) -> None:
-    """Build a tiny random Qwen3-VL, round-trip it through an HF checkpoint, and chat with it about an image."""
-    from gsjax.models.qwen3_vl.commands import tiny_model_demo
-
-    tiny_model_demo(workdir)
 
 
 @app.command()

@@ -47,7 +47,9 @@ class Ours:
         from gsjax.rollout.jax_sampler import JaxSampler, SamplerConfig
 
         batch, length = prompts.shape
-        self.sampler = JaxSampler(model, SamplerConfig(max_slots=batch, max_total_len=length + args.new_tokens,
+        if args.max_total_len < length + args.new_tokens:
+            raise SystemExit(f"--max-total-len {args.max_total_len} is shorter than prompt {length} + new tokens")
+        self.sampler = JaxSampler(model, SamplerConfig(max_slots=batch, max_total_len=args.max_total_len,
                                                        min_prefill_bucket=length, max_prefill_tokens=batch * length))
         self.prompts, self.args = prompts, args
 
@@ -147,6 +149,8 @@ def main() -> None:
     parser.add_argument("--prompt-lens", default="64,256", help="comma-separated prompt lengths")
     parser.add_argument("--batches", default="1,16", help="comma-separated batch sizes")
     parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--max-total-len", type=int, default=4096,
+                        help="the sampler's KV cache length per slot, prompt + output (SamplerConfig's default)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--top-p", type=float, default=1.0)
@@ -191,6 +195,7 @@ def main() -> None:
         sync = bench_weight_sync(model, sync_config, Path(tmp) / "sync")
     ratios = [r["ratio"] for r in runs if "ratio" in r and r["batch"] == 16]
     result = {"bench": "sampler", "workload": args.workload, "dtype": args.dtype, "new_tokens": args.new_tokens,
+              "max_total_len": args.max_total_len,
               "sampling": sampling_kwargs(args), "device": str(jax.devices()[0].device_kind),
               "torch_device": device, "cpu_count": os.cpu_count(), "runs": runs,
               "min_ratio_at_batch_16": min(ratios) if ratios else None, "weight_sync": sync}

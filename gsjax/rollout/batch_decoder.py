@@ -4,8 +4,10 @@ Two jitted programs, both with static shapes so decoding never recompiles per to
   prefill  (rows bucket × prompt-length bucket): prompts (+ images, the vision tower runs once) into a
            fresh cache exactly as long as the bucket, the first token sampled, and the rows copied into
            their slots of the big cache (filler rows target an out-of-range slot and are dropped);
-  decode   (all slots, one token each): every slot advances one token; idle slots compute garbage that
-           the host ignores, which is cheaper than a shape change.
+  decode   (all slots, one token each, per window bucket): every slot advances one token, attending only over
+           the first `window` cache slots (the host picks the smallest bucket that holds its longest live row, so
+           short sequences do not pay for the whole preallocated cache); idle slots compute garbage that the
+           host ignores, which is cheaper than a shape change.
 The cache, the per-slot sampling state and the parameters live on the same mesh as training (logical
 axis rules); cache and state are donated, so each step updates them in place.
 """
@@ -119,7 +121,7 @@ class BatchDecoder:
         outs = None if mesh is None else (cache_s, state_s, token_s, token_s)
         self._prefill = jax.jit(self._prefill_fn, static_argnames=("mode",), donate_argnames=("cache", "state"),
                                 out_shardings=outs)
-        self._decode = jax.jit(self._decode_fn, static_argnames=("mode",), donate_argnames=("cache", "state"),
+        self._decode = jax.jit(self._decode_fn, static_argnames=("mode", "window"), donate_argnames=("cache", "state"),
                                out_shardings=outs)
         empty = jax.jit(self._empty, out_shardings=None if mesh is None else (cache_s, state_s))
         self.cache, self.state = _committed(empty())
@@ -172,12 +174,13 @@ class BatchDecoder:
         cache = insert_rows(cache, out.cache, batch.slots, batch.attention_mask, batch.last_index + 1)
         return cache, state.insert(batch.slots, batch, tokens), tokens, logprobs
 
-    def _decode_fn(self, params, cache: DecodeCache, state: SlotState, *, mode: Mode):
+    def _decode_fn(self, params, cache: DecodeCache, state: SlotState, *, mode: Mode, window: int):
         model = nnx.merge(self.graphdef, params)
         slots = state.tokens.shape[0]
         positions = jnp.broadcast_to(state.positions[None, :, None], (3, slots, 1))
         with self._rules():
-            out = model(state.tokens[:, None], positions, jnp.ones((slots, 1), bool), None, cache=cache)
+            out = model(state.tokens[:, None], positions, jnp.ones((slots, 1), bool), None, cache=cache,
+                        kv_window=window)
         tokens, logprobs = sample_tokens(out.logits[:, -1], state.key_data, state.counts, state.temperature,
                                          state.top_k, state.top_p, mode)
         state = dataclasses.replace(state, tokens=tokens, positions=state.positions + 1, counts=state.counts + 1)
@@ -195,10 +198,18 @@ class BatchDecoder:
                                                                  self._put_batch(batch), mode=mode)
         return tokens, logprobs, version
 
-    def decode(self, mode: Mode) -> tuple[jax.Array, jax.Array, str]:
-        """Dispatch one decode step of every slot; returns (B,) tokens, logprobs and the version used."""
+    def decode(self, mode: Mode, window: int | None = None) -> tuple[jax.Array, jax.Array, str]:
+        """Dispatch one decode step of every slot; returns (B,) tokens, logprobs and the version used.
+
+        `window`: the slots the step attends over (default all `max_len`); it must cover every live row's cached
+        tokens plus the new one. Each distinct window is one compiled variant, so pass a few buckets only.
+        """
+        window = self.max_len if window is None else window
+        if not 0 < window <= self.max_len:
+            raise ValueError(f"decode window {window} is outside [1, {self.max_len}]")
         params, version = self._weights
-        self.cache, self.state, tokens, logprobs = self._decode(params, self.cache, self.state, mode=mode)
+        self.cache, self.state, tokens, logprobs = self._decode(params, self.cache, self.state, mode=mode,
+                                                                window=window)
         return tokens, logprobs, version
 
     def set_params(self, params: nnx.State, version: str, copy: bool = True) -> None:

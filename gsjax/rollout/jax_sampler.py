@@ -18,7 +18,7 @@ import logging
 import queue
 import threading
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,6 +100,8 @@ class JaxSampler:
                                     version=weight_version)
         self.row_buckets = power_buckets(parallel, c.max_slots, multiple=parallel)
         self.length_buckets = power_buckets(min(c.min_prefill_bucket, c.max_total_len), c.max_total_len)
+        # decode attends over the smallest of these that holds the longest live row: one compile per bucket
+        self.window_buckets = self.length_buckets
         self.stats = SamplerStats()
         self._slots: list[Decoding | None] = [None] * c.max_slots
         self._pending: deque[Decoding] = deque()
@@ -222,8 +224,20 @@ class JaxSampler:
         live = [(i, s) for i, s in enumerate(self._slots) if s is not None]
         self.stats.decode_steps += 1
         self.stats.peak_live = max(self.stats.peak_live, len(live))
-        tokens, logprobs, version = self.decoder.decode(batch_mode(s.request.params for _, s in live))
+        tokens, logprobs, version = self.decoder.decode(batch_mode(s.request.params for _, s in live),
+                                                        self._window(s for _, s in live))
+        for _, seq in live:
+            seq.decode_steps += 1
         return _Event(live, tokens, logprobs, version)
+
+    def _window(self, live: Iterable[Decoding]) -> int:
+        """The decode window: the smallest bucket that holds every live row's cache after this step.
+
+        A row already finished but not read back yet may ask for one slot past the cache; its token is
+        discarded, so the largest bucket (the whole cache) is enough.
+        """
+        need = max(s.next_cache_length() for s in live)
+        return fit_bucket(min(need, self.config.max_total_len), self.window_buckets)
 
     def _read(self, event: _Event) -> None:
         """Hand the event's tokens to their requests; finished requests resolve and free their slots."""

@@ -68,10 +68,18 @@ class Decoding:
     versions: list[str] = field(default_factory=list)  # weight version of each output token
     slot: int = -1
     finish: FinishReason | None = None
+    decode_steps: int = 0  # decode steps dispatched for it (one step may still be in flight)
 
     @property
     def done(self) -> bool:
         return self.finish is not None
+
+    def next_cache_length(self) -> int:
+        """Cache slots its next decode step reads: the prompt, one per earlier step, and the new token.
+
+        Counted from dispatches, not from tokens read back, so it stays right with a step in flight.
+        """
+        return int(self.prompt.size) + self.decode_steps + 1
 
     def accept(self, token: int, logprob: float, version: str) -> bool:
         """Append one sampled token; True when that token ends the request."""

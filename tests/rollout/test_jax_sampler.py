@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from concurrent.futures import Future
 
 import jax
 import numpy as np
@@ -13,8 +14,11 @@ from flax import nnx
 
 from gsjax.models.qwen3_vl.checkpoint import load_hf
 from gsjax.models.qwen3_vl.forward import Runner
+from gsjax.rollout.batch_decoder import BatchDecoder
 from gsjax.rollout.engine import EngineError, GenerationRequest, RolloutEngine, SamplingParams
 from gsjax.rollout.jax_sampler import JaxSampler, SamplerConfig, SamplerStats
+from gsjax.rollout.sampling import batch_mode
+from gsjax.rollout.slots import build_prefill, prepare
 
 from .conftest import image_request, reference_logprobs, text_request
 
@@ -140,14 +144,43 @@ def count_backend_compiles():
         jax.monitoring.unregister_event_duration_listener(listener)
 
 
-def test_decode_steps_never_recompile(sampler):
-    sampler.generate_batch([text_request(5, greedy(3)), text_request(7, greedy(3))])
+def test_decode_compiles_once_per_window_bucket_never_per_token(sampler):
+    assert sampler.window_buckets == (32, 64)
     before = sampler.compilations()
+    # 7 + 40 tokens cross from the 32-slot window into the 64-slot one: at most one new variant per bucket
+    first = sampler.generate_batch([text_request(5, greedy(40)), text_request(7, greedy(40))])
+    warm = sampler.compilations()
+    assert warm["decode"] - before["decode"] <= len(sampler.window_buckets)
     with count_backend_compiles() as compiles:
         results = sampler.generate_batch([text_request(5, greedy(40)), text_request(7, greedy(40))])
     assert [len(r.output_ids) for r in results] == [40, 40]
-    assert compiles == [] and sampler.compilations() == before
-    assert before["decode"] <= 3  # at most one variant per sampling mode (greedy, sample, filter)
+    assert [r.output_ids for r in results] == [r.output_ids for r in first]
+    assert compiles == [] and sampler.compilations() == warm
+    # one variant per sampling mode (greedy, sample, filter) and window bucket, whatever ran before
+    assert warm["decode"] <= 3 * len(sampler.window_buckets)
+
+
+def test_decode_over_a_short_window_equals_the_whole_cache(sampler_model):
+    """The same slots decoded over a 32-slot window and over the whole 128-slot cache give bit-identical
+    tokens and logprobs (the keys past the window are masked either way), greedy and sampled rows alike."""
+    config = sampler_model.config
+    requests = [text_request(9, SamplingParams(max_tokens=8, temperature=1.0, top_p=0.9, top_k=20, seed=1)),
+                text_request(3, greedy(8)), image_request(SamplingParams(max_tokens=8, temperature=0.7, seed=2))]
+    seqs = [prepare(config, q, Future(), 32, 128) for q in requests]
+    for slot, seq in enumerate(seqs):
+        seq.slot = slot
+    assert max(s.next_cache_length() for s in seqs) + 8 <= 32
+    batch = build_prefill(seqs, 4, 32, 4, config, 256)
+    mode = batch_mode(q.params for q in requests)
+    outputs = []
+    for window in (32, None):
+        decoder = BatchDecoder(sampler_model, 4, 128)
+        steps = [decoder.prefill(batch, mode)[:2]] + [decoder.decode(mode, window)[:2] for _ in range(8)]
+        outputs.append([np.asarray(a) for step in steps for a in step])
+        cache = decoder.cache
+        assert not np.asarray(cache.kv_valid)[:3, 32:].any()  # nothing live was written past the window
+    for short, full in zip(*outputs):
+        np.testing.assert_array_equal(short, full)
 
 
 def test_bad_requests_raise_engine_error(sampler):

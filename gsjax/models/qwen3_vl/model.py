@@ -72,7 +72,7 @@ class Qwen3VL(nnx.Module):
     def __call__(self, input_ids: jax.Array, positions: jax.Array, attention_mask: jax.Array | None = None,
                  vision: VisionInputs | None = None, *, cache: DecodeCache | None = None,
                  return_hidden: bool = False, logits_index: jax.Array | None = None,
-                 compute_logits: bool = True) -> ModelOutput:
+                 compute_logits: bool = True, kv_window: int | None = None) -> ModelOutput:
         """input_ids (B, L); positions (3, B, L) M-RoPE ids; attention_mask (B, L) of valid tokens.
 
         With `cache`, the L new tokens are written after each row's cached tokens and attend to them.
@@ -80,8 +80,13 @@ class Qwen3VL(nnx.Module):
         per row; the full (B, L, V) logits of a long prompt would cost a vocab-sized matmul per token).
         `compute_logits=False` stops at the final-norm hidden states (returned as `hidden`): a loss can then
         apply `lm_head_matrix()` chunk by chunk instead of holding all (B, L, V) logits at once.
+        `kv_window` (static, with `cache`): the new tokens attend only over the cache's first `kv_window` slots,
+        so a decode step costs what its longest row needs, not the whole preallocated cache; every row's
+        cached and new tokens must lie inside the window (the caller's bookkeeping guarantees it).
         """
         cfg = self.config
+        if kv_window is not None and cache is None:
+            raise ValueError("kv_window limits the attention over a KV cache: pass cache too")
         # FSDP gathers the table's embed dim for the lookup; the vocab dim may stay tensor-sharded.
         table = constrain(self.embed_tokens[...].astype(self.dtype), ("vocab", None))
         x = table[input_ids]
@@ -98,7 +103,7 @@ class Qwen3VL(nnx.Module):
         if cache is None:
             mask = causal_mask(attention_mask)
         else:
-            cache, mask, cache_offsets = _advance_cache(cache, input_ids.shape[1], attention_mask)
+            cache, mask, cache_offsets = _advance_cache(cache, input_ids.shape[1], attention_mask, kv_window)
             if cache.kv_valid.shape[1] == input_ids.shape[1]:
                 # A cache exactly as long as the new tokens is filled from slot 0 (a prefill; any other offset
                 # would not fit), so plain causal self-attention is the same mask and can use the fast kernels.
@@ -109,7 +114,7 @@ class Qwen3VL(nnx.Module):
             layer_cache = None if cache is None else cache.layers[i]
             x, layer_cache, stats = _run_layer(
                 layer, x, cos, sin, mask, attention_mask, layer_cache, cache_offsets,
-                remat_policy(cfg.runtime.remat_for_layer(i, cfg.text.num_hidden_layers)))
+                remat_policy(cfg.runtime.remat_for_layer(i, cfg.text.num_hidden_layers)), kv_window)
             x = constrain(x, RESIDUAL)
             new_layer_caches.append(layer_cache)
             if stats is not None:
@@ -145,8 +150,9 @@ def scatter_visual(x: jax.Array, visual_mask: jax.Array, feats: jax.Array, add: 
     return jnp.where(visual_mask[..., None], gathered, x)
 
 
-def _advance_cache(cache: DecodeCache, num_new: int, attention_mask: jax.Array | None):
-    """Mark the new tokens' slots valid, and build the mask that lets them see their row's cache."""
+def _advance_cache(cache: DecodeCache, num_new: int, attention_mask: jax.Array | None, window: int | None = None):
+    """Mark the new tokens' slots valid, and build the mask that lets them see their row's cache (its first
+    `window` slots when given: the keys the attention will read)."""
     batch = cache.lengths.shape[0]
     offsets = cache.lengths
     new_valid = (jnp.ones((batch, num_new), bool) if attention_mask is None
@@ -155,13 +161,16 @@ def _advance_cache(cache: DecodeCache, num_new: int, attention_mask: jax.Array |
         cache.kv_valid, new_valid, offsets)
     q_index = offsets[:, None] + jnp.arange(num_new)[None, :]
     updated = DecodeCache(layers=cache.layers, kv_valid=kv_valid, lengths=offsets + num_new)
-    return updated, cached_mask(q_index, kv_valid), offsets
+    if window is not None and not 0 < window <= kv_valid.shape[1]:
+        raise ValueError(f"kv_window={window} must be in [1, {kv_valid.shape[1]}] (the cache length)")
+    return updated, cached_mask(q_index, kv_valid[:, :window]), offsets
 
 
-def _run_layer(layer: DecoderLayer, x, cos, sin, mask, token_valid, layer_cache, cache_offsets, policy):
+def _run_layer(layer: DecoderLayer, x, cos, sin, mask, token_valid, layer_cache, cache_offsets, policy,
+               kv_window: int | None = None):
     if policy is None:
-        return layer(x, cos, sin, mask, token_valid, layer_cache, cache_offsets)
-    fn = nnx.remat(lambda m, *a: m(*a), policy=policy)
+        return layer(x, cos, sin, mask, token_valid, layer_cache, cache_offsets, kv_window)
+    fn = nnx.remat(lambda m, *a: m(*a, kv_window), policy=policy)
     return fn(layer, x, cos, sin, mask, token_valid, layer_cache, cache_offsets)
 
 

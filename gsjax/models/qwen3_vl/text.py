@@ -59,8 +59,10 @@ class Attention(nnx.Module):
         self.k_norm = RMSNorm(hd, cfg.rms_norm_eps, "head_dim", param_dtype, rngs)
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: AttentionMask, *,
-                 impl: str, chunk: int, cache: LayerCache | None = None,
-                 cache_offsets: jax.Array | None = None) -> tuple[jax.Array, LayerCache | None]:
+                 impl: str, chunk: int, cache: LayerCache | None = None, cache_offsets: jax.Array | None = None,
+                 cache_window: int | None = None) -> tuple[jax.Array, LayerCache | None]:
+        """`cache_window` (static): attend only over the cache's first slots (the mask must be as wide); a
+        decode step whose longest row is short then reads a bucket of the cache instead of all of it."""
         dt = x.dtype
         q = self.q_norm(jnp.einsum("bld,dnk->blnk", x, self.q_proj[...].astype(dt)))
         k = self.k_norm(jnp.einsum("bld,dnk->blnk", x, self.k_proj[...].astype(dt)))
@@ -71,7 +73,7 @@ class Attention(nnx.Module):
         k, v = checkpoint_name(constrain(k, HEADS), "qkv"), checkpoint_name(constrain(v, HEADS), "qkv")
         if cache is not None:
             cache = write_cache(cache, k, v, cache_offsets)
-            k, v = cache.k.astype(dt), cache.v.astype(dt)
+            k, v = cache.k[:, :cache_window].astype(dt), cache.v[:, :cache_window].astype(dt)
         o = checkpoint_name(attend(q, k, v, mask, impl=impl, chunk=chunk), "attn_out")
         return jnp.einsum("blnk,nkd->bld", o, self.o_proj[...].astype(dt)), cache
 
@@ -159,10 +161,11 @@ class DecoderLayer(nnx.Module):
         self.attention_chunk = config.runtime.attention_chunk
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: AttentionMask,
-                 token_valid: jax.Array | None, cache: LayerCache | None, cache_offsets: jax.Array | None
-                 ) -> tuple[jax.Array, LayerCache | None, RouterStats | None]:
+                 token_valid: jax.Array | None, cache: LayerCache | None, cache_offsets: jax.Array | None,
+                 cache_window: int | None = None) -> tuple[jax.Array, LayerCache | None, RouterStats | None]:
         attn_out, cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, impl=self.attention_impl,
-                                         chunk=self.attention_chunk, cache=cache, cache_offsets=cache_offsets)
+                                         chunk=self.attention_chunk, cache=cache, cache_offsets=cache_offsets,
+                                         cache_window=cache_window)
         x = x + attn_out
         h = self.post_attention_layernorm(x)
         stats = None

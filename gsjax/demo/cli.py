@@ -1,0 +1,67 @@
+"""`gsjax demo`: the README's main job. The lead mounts `demo` as the top-level command."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+
+def _progress_only(record: logging.LogRecord) -> bool:
+    """Warnings, and gsjax's progress lines except one per agent episode (bm25s forces itself to DEBUG)."""
+    if record.levelno >= logging.WARNING:
+        return True
+    return record.name.startswith("gsjax") and not record.name.startswith("gsjax.agent")
+
+
+def demo(
+    workdir: Annotated[Path, typer.Option(help="Where the demo writes everything; a second run resumes.")] = Path(
+        "runs/demo"),
+    sft_steps: Annotated[int, typer.Option(min=1, help="SFT optimizer steps on the built-in trajectories.")] = 30,
+    grpo_steps: Annotated[int, typer.Option(min=0, help="GRPO steps (0: skip the RL stage).")] = 3,
+    prompts_per_step: Annotated[int, typer.Option(min=1, help="GRPO prompts per step.")] = 2,
+    group_size: Annotated[int, typer.Option(min=1, help="GRPO rollouts per prompt.")] = 2,
+    max_llm_calls: Annotated[int, typer.Option(min=1, help="Policy calls per GRPO episode.")] = 4,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="New tokens per policy turn in GRPO.")] = 96,
+    fresh: Annotated[bool, typer.Option(help="Delete the work folder first instead of resuming.")] = False,
+) -> None:
+    """Offline, on CPU: synthetic agent trajectories -> SFT of a tiny Qwen3-VL -> image server (tiny diffusers
+    pipeline) -> agentic GRPO with HEURISTIC rewards -> report. Ctrl-C stops cleanly; rerun to resume."""
+    from rich.console import Console
+
+    from gsjax.demo.pipeline import DemoConfig, run_demo
+
+    logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("gsjax").setLevel(logging.INFO)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_progress_only)
+    console = Console()
+    cfg = DemoConfig(workdir=workdir, sft_steps=sft_steps, grpo_steps=grpo_steps, prompts_per_step=prompts_per_step,
+                     group_size=group_size, max_llm_calls=max_llm_calls, max_new_tokens_per_turn=max_new_tokens,
+                     fresh=fresh)
+    try:
+        result = run_demo(cfg, console=console)
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]: the image server was stopped and checkpoints are consistent; "
+                      f"run the same command again to resume from {workdir}.")
+        # Everything that matters is closed. An interrupted JAX run can crash in interpreter teardown
+        # (background XLA / checkpoint threads), which would turn exit code 130 into a segfault.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
+    typer.echo(f"report: {result.report}")
+
+
+def main() -> None:
+    """`python -m gsjax.demo.cli ...` (tests, and runs without the top-level CLI)."""
+    app = typer.Typer(add_completion=False, pretty_exceptions_show_locals=False)
+    app.command()(demo)
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""The built-in SFT trajectories are real agent episodes: every record passes the SFT data pipeline, every
+assistant turn parses with the agent protocol, and the system prompt is the one GRPO rollouts will show."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from gsjax.agent.config import AgentConfig, ToolsConfig
+from gsjax.agent.prompts import system_prompt
+from gsjax.agent.protocol import parse_turn
+from gsjax.agent.tools.browse import browse_schema
+from gsjax.agent.tools.image_search import image_search_schema
+from gsjax.agent.tools.search import search_schema
+from gsjax.data import SFTDataConfig, make_sft_loader
+from gsjax.data.records import read_records, to_chat
+from gsjax.demo.trajectories import (
+    DEMO_DATE,
+    demo_agent_config,
+    demo_tools_config,
+    write_rl_tasks,
+    write_sft_trajectories,
+)
+from gsjax.models.qwen3_vl.config import preset
+from gsjax.processing.tokenizer import load_tokenizer
+from gsjax.train.grpo_data import read_rl_records
+
+TOOLS = {"search", "image_search", "browse"}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("demo_data")
+    write_sft_trajectories(root, demo_agent_config(), demo_tools_config())
+    write_rl_tasks(root)
+    return root
+
+
+def test_every_record_is_a_valid_sharegpt_agent_trajectory(data: Path) -> None:
+    records = read_records(data / "sft.jsonl")
+    assert len(records) == 30
+    for record in records:
+        chat = to_chat(record, data)  # raises BadRecord on any rule violation
+        assert all(p.is_file() for p in chat.image_paths)
+        roles = [m["role"] for m in record["messages"]]
+        assert roles[:2] == ["system", "user"] and roles[-1] == "assistant"
+        assert record["termination"] == "answer"
+
+
+def test_tool_calls_and_answers_parse_with_the_protocol(data: Path) -> None:
+    used: set[str] = set()
+    for record in read_records(data / "sft.jsonl"):
+        turns = [m["content"] for m in record["messages"] if m["role"] == "assistant"]
+        observations = [m["content"] for m in record["messages"][2:] if m["role"] == "user"]
+        *calls, final = [parse_turn(t) for t in turns]
+        for call, observation in zip(calls, observations):
+            assert call.kind == "tool_call" and call.error is None and call.tool_call is not None
+            assert call.tool_call.name in TOOLS
+            used.add(call.tool_call.name)
+            assert re.sub(r"^(<image>)*", "", observation).startswith("<tool_response>\n")
+            assert "Error" not in observation and "No results" not in observation
+        assert final.kind == "answer" and final.error is None and final.answer is not None
+        issued = set(re.findall(r"^(IMG_\d{3,}): title:", "\n".join(observations), re.MULTILINE))
+        refs = [r["img_id"] for r in final.answer["reference_images"]]
+        assert refs and set(refs) <= issued
+        assert "IMG_" not in final.answer["gen_prompt"]  # ordinals only
+        assert all(t.startswith("<think>") for t in turns)
+    assert used == TOOLS
+
+
+def test_system_prompt_equals_the_grpo_rollouts_one(data: Path) -> None:
+    """GRPO builds its AgentConfig from env.* and ToolsConfig(backend=local): the demo must show the same text."""
+    record = read_records(data / "sft.jsonl")[0]
+    cfg = ToolsConfig(backend="local")
+    agent = AgentConfig(max_reference_images=demo_agent_config().max_reference_images, date=DEMO_DATE)
+    expected = system_prompt([search_schema(cfg), image_search_schema(cfg), browse_schema(cfg)],
+                             agent.max_tool_calls_advertised, agent.max_reference_images, agent.date)
+    assert record["messages"][0]["content"] == expected
+
+
+def test_the_sft_loader_accepts_every_record(data: Path) -> None:
+    cfg = SFTDataConfig(path=str(data / "sft.jsonl"), batch_size=1, buckets=(2560,), cutoff_len=2560,
+                        max_pixels=65536, min_pixels=65536, shuffle=False, num_epochs=1, on_bad_record="error",
+                        vision_row_buckets=(512,))
+    with make_sft_loader(cfg, load_tokenizer(), preset("tiny")) as loader:
+        batch = next(loader)
+        assert loader.stats["skipped"] == 0 and loader.stats["valid"] == 30
+    assert batch["input_ids"].shape == (1, 2560)
+    assert int(batch["target_mask"].sum()) > 100  # the assistant turns are trained on
+
+
+def test_rl_tasks_are_readable_by_grpo(data: Path) -> None:
+    prompts, skipped = read_rl_records(data / "rl_tasks.json")
+    assert len(prompts) == 10 and not skipped
+    assert all(Path(p.gt_image).is_file() for p in prompts)
+    assert len({p.question for p in prompts}) == 10
+    rows = json.loads((data / "rl_tasks.json").read_text())
+    assert {"id", "prompt", "gt_image"} <= set(rows[0])
