@@ -36,7 +36,7 @@ def test_logits_command_rejects_incomplete_inputs(hf_dirs, tmp_path):
 
 @pytest.mark.parametrize("script", ["bench_forward.py", "bench_sft.py"])
 def test_training_benchmarks_print_one_json_comparison(script):
-    """Small shape (batch 8 so fsdp over 8 fake devices divides it): the JSON carries both sides, their ratio and equal first losses (same weights, batch)."""
+    """Batch 8 (fsdp over 8 fake devices divides it): both sides, their ratio, equal first losses."""
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / script), "--batch", "8", "--seq", "32",
                            "--steps", "1", "--warmup", "0"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
