@@ -16,7 +16,8 @@ import numpy as np
 from gsjax.models.qwen3_vl.config import Qwen3VLConfig
 from gsjax.parallel.mesh import MeshConfig, build_mesh
 from gsjax.parallel.sharding import DEFAULT_RULES, Rules, batch_sharding
-from gsjax.train.learner import Learner, make_sft_loss
+from gsjax.train.learner import Learner
+from gsjax.train.model_loss import make_sft_loss
 from gsjax.train.state import OptimizerSettings, ShardedSetup, init_state, make_optimizer, state_shardings
 
 from .estimate import xla_peak_bytes

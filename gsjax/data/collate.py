@@ -3,8 +3,10 @@
 Contract: `input_ids` int32 (B, L) right-padded; `attention_mask` bool; `targets` = input_ids shifted left
 (last = pad); `target_mask` float32 = loss_mask[t+1] & attention_mask[t+1] (position t predicts token t+1);
 `positions` int32 (3, B, L) from `get_rope_index`; `vision` the tower's inputs over all images of the batch,
-rows padded to the planned bucket (or None); `num_tokens` = sum(target_mask). Empty rows (padding of a
-partial batch, or a record skipped at encode time) are all padding and carry no loss.
+rows padded to the planned bucket (or None); `num_tokens` = sum(target_mask); `loss_positions` (B, K) int32
+the positions with a trained target, padded with L-1 (never trained), K from a few sizes, or None when K
+would not be smaller than L (the loss then applies the LM head only there: `gsjax.train.model_loss`). Empty
+rows (padding of a partial batch, or a record skipped at encode time) are all padding and carry no loss.
 """
 
 from __future__ import annotations
@@ -60,6 +62,34 @@ def shift_targets(input_ids: np.ndarray, loss_mask: np.ndarray, attention_mask: 
     return targets.astype(np.int32), target_mask
 
 
+MIN_LOSS_POSITIONS = 64
+
+
+def loss_position_bucket(count: int, length: int) -> int:
+    """Smallest of 64, 96, 128, 192, 256, ... (2^k and 3·2^(k-1)) holding `count`: few compiled shapes."""
+    size = MIN_LOSS_POSITIONS
+    while size < count:
+        size = size * 3 // 2 if size & (size - 1) == 0 else size * 4 // 3
+    return size
+
+
+def loss_positions(target_mask: np.ndarray) -> np.ndarray | None:
+    """(B, K) positions of each row's trained targets in order, padded with L-1 (its target is never
+    trained: see `shift_targets`); None when the bucketed K would not be below L."""
+    batch, length = target_mask.shape
+    trained = target_mask > 0
+    if trained[:, -1].any():
+        raise ValueError("the last position of a row cannot carry a trained target")
+    k = loss_position_bucket(int(trained.sum(axis=1).max(initial=0)), length)
+    if k >= length:
+        return None
+    out = np.full((batch, k), length - 1, np.int32)
+    for row in range(batch):
+        where = np.flatnonzero(trained[row])
+        out[row, : where.size] = where
+    return out
+
+
 def collate(examples: Sequence[EncodedExample | None], length: int, vision_rows: int | None,
             model_cfg: Qwen3VLConfig, pad_id: int) -> dict[str, Any]:
     """Stack examples (None = empty row) into one (B, `length`) batch."""
@@ -90,4 +120,5 @@ def collate(examples: Sequence[EncodedExample | None], length: int, vision_rows:
         "positions": np.asarray(positions, np.int32),
         "vision": vision,
         "num_tokens": int(target_mask.sum()),
+        "loss_positions": loss_positions(target_mask),
     }

@@ -1,10 +1,9 @@
 """The learner side of GRPO: the SFT learner's jitted, sharded step with the GRPO policy loss, batches that
 carry the RL keys, and the old-logprob pass.
 
-Adapter notes: `Learner.shard_batch` keeps only the SFT keys, so `RLLearner` also places the RL arrays
-(`old_logprobs`, `advantages`, ...) with the batch sharding; and `losses.policy_loss_terms` materialises
-full (B, L, V) logits, so the loss here goes through `target_logprobs`, which honours `train.logits_chunk`
-(the 150k vocabulary otherwise dominates memory), whenever temperature is 1 and no entropy is needed.
+`Learner.shard_batch` keeps only the SFT keys, so `RLLearner` also places the RL arrays (`old_logprobs`,
+`advantages`, ...) with the batch sharding. The loss is `model_loss.make_grpo_loss`, which honours
+`train.logits_chunk` (the 150k vocabulary otherwise dominates memory) unless the entropy term needs full logits.
 """
 
 from __future__ import annotations
@@ -19,29 +18,12 @@ from flax import nnx
 
 from gsjax.parallel.sharding import batch_sharding, logical_sharding
 
-from .learner import Batch, Learner, LossFn, target_logprobs
-from .losses import GRPOLossConfig, grpo_policy_loss, policy_loss_terms
+from .learner import Learner
+from .losses import GRPOLossConfig
+from .model_loss import Batch, make_grpo_loss, target_logprobs
 from .state import TrainState
 
 RL_KEYS = ("old_logprobs", "rollout_logprobs", "advantages", "row_denominator", "ref_logprobs")
-
-
-def make_grpo_loss(cfg: GRPOLossConfig, logits_chunk: int = 0) -> LossFn:
-    """(model, batch) -> (loss numerator, denominator, statistics) of the GRPO policy loss on an RL batch."""
-    if cfg.temperature != 1.0 or cfg.entropy_coef != 0:
-        def full(model: Any, batch: Batch) -> tuple[jax.Array, ...]:
-            return policy_loss_terms(model, batch, cfg)
-
-        return full
-
-    def chunked(model: Any, batch: Batch) -> tuple[jax.Array, ...]:
-        logprobs = target_logprobs(model, batch, logits_chunk)
-        return grpo_policy_loss(
-            logprobs, batch["old_logprobs"], batch["advantages"], batch["target_mask"], cfg,
-            ref_logprobs=batch.get("ref_logprobs"), rollout_logprobs=batch.get("rollout_logprobs"),
-            row_denominator=batch.get("row_denominator"))
-
-    return chunked
 
 
 class RLLearner(Learner):

@@ -23,36 +23,15 @@ from gsjax.models.qwen3_vl.model import Qwen3VL
 from gsjax.models.qwen3_vl.vision import VisionInputs
 from gsjax.parallel.sharding import Rules, batch_sharding, logical_sharding
 
-from .losses import chunked_token_logprobs, masked_nll, token_logprobs
+from .model_loss import Batch, LossFn, sft_loss
 from .state import ShardedSetup, TrainState
-
-Batch = Mapping[str, Any]
-# (loss sum, denominator) or (loss sum, denominator, additive statistics for metrics)
-LossFn = Callable[[Qwen3VL, Batch], tuple[jax.Array, ...]]
-
-
-def target_logprobs(model: Qwen3VL, batch: Batch, logits_chunk: int = 0) -> jax.Array:
-    """log p(targets) at every position; with `logits_chunk` > 0 the LM head runs chunk by chunk."""
-    args = (batch["input_ids"], batch["positions"], batch["attention_mask"], batch.get("vision"))
-    if logits_chunk <= 0:
-        return token_logprobs(model(*args).logits, batch["targets"])
-    hidden = model(*args, compute_logits=False).hidden
-    return chunked_token_logprobs(hidden, model.lm_head_matrix(), batch["targets"], logits_chunk)
-
-
-def sft_loss(model: Qwen3VL, batch: Batch, logits_chunk: int = 0) -> tuple[jax.Array, jax.Array]:
-    """Masked next-token cross-entropy: (Σ NLL over target tokens, number of target tokens)."""
-    return masked_nll(target_logprobs(model, batch, logits_chunk), batch["target_mask"])
-
-
-def make_sft_loss(logits_chunk: int = 0) -> LossFn:
-    return functools.partial(sft_loss, logits_chunk=logits_chunk)
-
 
 def device_batch(batch: Batch) -> dict[str, Any]:
     """The array part of a host batch, with `vision` as VisionInputs (or None)."""
     keys = ("input_ids", "attention_mask", "targets", "target_mask", "positions")
     out: dict[str, Any] = {k: batch[k] for k in keys}
+    if batch.get("loss_positions") is not None:
+        out["loss_positions"] = batch["loss_positions"]
     vision = batch.get("vision")
     out["vision"] = None if vision is None else (vision if isinstance(vision, VisionInputs)
                                                  else VisionInputs(**vision))
@@ -131,6 +110,8 @@ class Learner:
         """Place a host batch on the mesh: token arrays split over the batch axes, vision rows replicated."""
         mesh, rules = self.setup.mesh, self.setup.rules
         batch = device_batch(batch)
+        if jax.process_count() > 1:  # K is chosen per host: the full-length head keeps global shapes equal
+            batch.pop("loss_positions", None)
         check_batch_size(batch["input_ids"].shape[0] * jax.process_count(), mesh, rules)
         out = {k: jax.device_put(v, batch_sharding(mesh, v.ndim, rules)) for k, v in batch.items()
                if k not in ("positions", "vision")}

@@ -146,7 +146,7 @@ def test_sft_loss_and_gradients_equal_transformers(tmp_path):
     import torch
 
     from gsjax.models.qwen3_vl.checkpoint import hf_rules, load_hf
-    from gsjax.train.learner import sft_loss
+    from gsjax.train.model_loss import sft_loss
 
     hf_dir = R.build_tiny_hf(tmp_path / "hf", seed=4)
     model = load_hf(hf_dir)
@@ -193,7 +193,7 @@ def test_indivisible_layout_is_refused_with_the_parameter_named():
 def test_chunked_lm_head_loss_equals_the_full_one(chunk):
     """Same loss and gradients with the LM head applied 7 (padded) or 24 positions at a time."""
     from gsjax.models.qwen3_vl.model import Qwen3VL
-    from gsjax.train.learner import sft_loss
+    from gsjax.train.model_loss import sft_loss
 
     config = tiny_config()
     model = Qwen3VL(config, rngs=nnx.Rngs(0))
@@ -207,6 +207,35 @@ def test_chunked_lm_head_loss_equals_the_full_one(chunk):
     chunked, g_chunk = nnx.value_and_grad(lambda m: mean_loss(m, chunk))(model)
     np.testing.assert_allclose(float(chunked), float(full), rtol=1e-6)
     assert _max_diff(_host(nnx.state(g_full)), _host(nnx.state(g_chunk))) < 1e-6
+
+
+@NEEDS_8
+@pytest.mark.parametrize("chunk", [0, 48])
+def test_head_at_loss_positions_only_equals_the_full_head(chunk):
+    """With `loss_positions` (the LM head over the trained positions only) two fsdp=8 steps give the loss and
+    params of the full-head one-device run; the batch's K is well below its length."""
+    from gsjax.data.collate import loss_positions
+    from gsjax.train.model_loss import make_sft_loss
+
+    config = tiny_config()
+    batch = make_batch(config, 8, seed=7, length=192)
+    batch["target_mask"][:, :150] = 0  # 41 trained targets per row at most
+    compact = {**batch, "loss_positions": loss_positions(batch["target_mask"])}
+    assert compact["loss_positions"].shape == (8, 64)
+
+    def run(mesh_cfg, b):
+        learner, state = make_learner(config, mesh_cfg)
+        learner = Learner(learner.setup, learner.optimizer, make_sft_loss(chunk))
+        losses = []
+        for _ in range(2):
+            state, metrics = learner.step(state, b)
+            losses.append(float(metrics["loss"]))
+        return losses, _host(state["params"])
+
+    ref_losses, ref_params = run(MeshConfig(fsdp=1), batch)
+    losses, params = run(MeshConfig(fsdp=8), compact)
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+    assert _max_diff(params, ref_params) < 2e-5
 
 
 @NEEDS_8

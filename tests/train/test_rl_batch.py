@@ -22,11 +22,10 @@ from gsjax.train.losses import (
     GRPOLossConfig,
     finalize_metrics,
     grpo_policy_loss,
-    policy_logprobs,
-    policy_loss_fn,
     row_denominators,
     token_logprobs,
 )
+from gsjax.train.model_loss import make_grpo_loss, policy_logprobs
 from gsjax.train.rl_batch import (
     OVER_LENGTH,
     ImageTokenMismatch,
@@ -212,7 +211,8 @@ def test_tiny_model_uses_the_images_and_the_ratio_moves_after_the_first_minibatc
 
     graphdef, params, rest = nnx.split(Qwen3VL(cfg, rngs=nnx.Rngs(0)), nnx.Param, ...)
     logprobs_of = jax.jit(lambda p, b: policy_logprobs(nnx.merge(graphdef, p, rest), b)[0])
-    grad_of = jax.jit(jax.grad(lambda p, b: policy_loss_fn(loss_cfg)(nnx.merge(graphdef, p, rest), b), has_aux=True))
+    grad_of = jax.jit(jax.grad(lambda p, b: make_grpo_loss(loss_cfg)(nnx.merge(graphdef, p, rest), b)[:2],
+                               has_aux=True))
 
     # the "rollout engine" is the initial policy: its logprobs become each batch's old/rollout logprobs
     for batch in (first, second):
@@ -241,7 +241,7 @@ def test_tiny_model_uses_the_images_and_the_ratio_moves_after_the_first_minibatc
 
 
 def test_chunked_head_and_temperature_give_the_full_logits_logprobs(cfg, samples):
-    batch = _device(collate_rl(samples[:2], 64, cfg, cfg=RLBatchConfig(pad_id=PAD, vision_row_buckets=(64,))))
+    batch = _device(collate_rl(samples[:2], 160, cfg, cfg=RLBatchConfig(pad_id=PAD, vision_row_buckets=(64,))))
     graphdef, params, rest = nnx.split(Qwen3VL(cfg, rngs=nnx.Rngs(1)), nnx.Param, ...)
 
     def both(p, b):
@@ -250,7 +250,10 @@ def test_chunked_head_and_temperature_give_the_full_logits_logprobs(cfg, samples
         return token_logprobs(logits, b["targets"]), policy_logprobs(model, b, 0.7, logits_chunk=24)[0]
 
     full, chunked = jax.jit(both)(params, batch)
-    np.testing.assert_allclose(np.asarray(chunked), np.asarray(full), rtol=1e-5, atol=1e-5)
+    on = np.asarray(batch["target_mask"]) > 0
+    assert "loss_positions" in batch and on.any()  # the head ran on the trained positions only
+    np.testing.assert_allclose(np.asarray(chunked)[on], np.asarray(full)[on], rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(chunked)[~on], 0.0)
     with pytest.raises(ValueError, match="entropy"):
         policy_logprobs(None, batch, logits_chunk=24, with_entropy=True)
 
