@@ -8,8 +8,7 @@ batch because gradients of loss *sums* are added and divided once by the total d
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import jax
@@ -19,12 +18,12 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from gsjax.models.qwen3_vl.model import Qwen3VL
 from gsjax.models.qwen3_vl.vision import VisionInputs
 from gsjax.parallel.sharding import Rules, batch_sharding, logical_sharding
 
 from .model_loss import Batch, LossFn, sft_loss
 from .state import ShardedSetup, TrainState
+
 
 def device_batch(batch: Batch) -> dict[str, Any]:
     """The array part of a host batch, with `vision` as VisionInputs (or None)."""

@@ -21,7 +21,7 @@ combine exactly with `combine_metric_stats`; `finalize_metrics` turns them into 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 

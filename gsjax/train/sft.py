@@ -32,8 +32,8 @@ from gsjax.processing.tokenizer import load_tokenizer
 from .checkpointing import Checkpointer, abstract_train_state
 from .config import SFTConfig, SFTConfigError, check_freeze
 from .learner import Learner, check_batch_size
-from .model_loss import make_sft_loss
 from .metrics import MetricsLogger, StepTimer
+from .model_loss import make_sft_loss
 from .state import (
     ShardedSetup,
     TrainState,
