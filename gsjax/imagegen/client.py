@@ -19,10 +19,11 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Protocol, Self
+from typing import Any, Protocol
 
 import httpx
 
+from gsjax.httputil import BadJSONReply, OwnsHttpClient, json_object
 from gsjax.imagegen.dataurl import (
     DataUrlError,
     decode_image_payload,
@@ -132,7 +133,7 @@ class ServerSlots:
 
 
 @dataclass
-class ImageServerClient:
+class ImageServerClient(OwnsHttpClient):
     """Client of one or more image servers (agent.md §6.1). `urls`: one URL, a comma list, a JSON array or
     a sequence. `options` are sent with every request (upstream defaults: seed 0, 40 steps, CFG 4.0)."""
 
@@ -156,15 +157,6 @@ class ImageServerClient:
             limits=httpx.Limits(max_connections=self.max_concurrency + len(self.urls)),
             transport=self.transport,
         )
-
-    def close(self) -> None:
-        self._http.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def payload(self, prompt: str, images: Sequence[bytes], options: GenerationOptions | None = None) -> dict[str, Any]:
         """The `/generate` body, validated by the server's own schema before it is sent."""
@@ -194,11 +186,9 @@ class ImageServerClient:
     def _images(self, response: httpx.Response) -> list[bytes]:
         source = f"image server {response.request.url}"
         try:
-            reply = response.json()
-        except ValueError:
-            raise GenerationFailed(f"{source}: the reply is not JSON: {response.text[:200]!r}") from None
-        if not isinstance(reply, dict):
-            raise GenerationFailed(f"{source}: the reply is not a JSON object: {str(reply)[:200]}")
+            reply = json_object(response)
+        except BadJSONReply as exc:
+            raise GenerationFailed(f"{source}: {exc}") from None
         if reply.get("success") is not True:
             raise GenerationFailed(f"{source}: {reply.get('message') or 'success is not true and there is no message'}")
         payloads = reply.get("images") or [reply.get("image")]

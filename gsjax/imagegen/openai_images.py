@@ -11,10 +11,11 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Self
+from typing import Any
 
 import httpx
 
+from gsjax.httputil import BadJSONReply, OwnsHttpClient, reply_json
 from gsjax.imagegen.client import decode_reply_image, parse_urls
 from gsjax.imagegen.dataurl import DataUrlError, image_mime
 from gsjax.imagegen.transport import GenerationFailed, HttpSettings, send_with_retries
@@ -43,7 +44,7 @@ def first_image_entry(reply: object, source: str) -> Mapping[str, Any]:
 
 
 @dataclass
-class OpenAIImagesClient:
+class OpenAIImagesClient(OwnsHttpClient):
     """`generate(prompt, references) -> image bytes` over an OpenAI-compatible images API. `size` and
     `quality` are sent only when set (the API's defaults otherwise); `extra` adds body fields such as
     `output_format` or `background`."""
@@ -68,15 +69,6 @@ class OpenAIImagesClient:
         self._auth = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         self._http = httpx.Client(timeout=self.http.timeout(), transport=self.transport)
         self._slots = threading.BoundedSemaphore(self.max_concurrency)
-
-    def close(self) -> None:
-        self._http.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def fields(self, prompt: str) -> dict[str, str | int | float]:
         """The request fields shared by both endpoints (one image per call)."""
@@ -112,9 +104,9 @@ class OpenAIImagesClient:
     def _image(self, response: httpx.Response, url: str) -> bytes:
         source = f"images API {url}"
         try:
-            reply = response.json()
-        except ValueError:
-            raise GenerationFailed(f"{source}: the reply is not JSON: {response.text[:200]!r}") from None
+            reply = reply_json(response)
+        except BadJSONReply as exc:
+            raise GenerationFailed(f"{source}: {exc}") from None
         entry = first_image_entry(reply, source)
         if entry.get("b64_json"):
             return decode_reply_image(entry["b64_json"], source)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import httpx
 from PIL import Image, UnidentifiedImageError
 
+from gsjax.httputil import BodyTooLarge, read_capped
 from gsjax.imagegen.dataurl import DataUrlError, parse_data_url
 
 
@@ -51,13 +52,9 @@ async def fetch_image_bytes(client: httpx.AsyncClient, url: str, max_bytes: int)
         async with client.stream("GET", url) as response:
             if not response.is_success:
                 raise BadImage(f"fetching {url} returned HTTP {response.status_code}")
-            chunks, size = [], 0
-            async for chunk in response.aiter_bytes():
-                size += len(chunk)
-                if size > max_bytes:
-                    raise BadImage(f"{url} is larger than {max_bytes} bytes")
-                chunks.append(chunk)
-            return b"".join(chunks)
+            return await read_capped(response, max_bytes)
+    except BodyTooLarge:
+        raise BadImage(f"{url} is larger than {max_bytes} bytes") from None
     except httpx.HTTPError as exc:
         raise BadImage(f"fetching {url} failed ({type(exc).__name__}: {exc})") from None
 

@@ -34,6 +34,7 @@ from typing import Any, Self, TypeVar
 
 import httpx
 
+from gsjax.httputil import BadJSONReply, json_object
 from gsjax.rollout.engine import EngineError, GenerationRequest, GenerationResult, ImageInputs
 from gsjax.rollout.weight_sync import VersionedDirs, WeightSyncConfig, WeightSyncer, export_model_hf
 
@@ -84,12 +85,9 @@ def _checked(what: str, resp: httpx.Response) -> httpx.Response:
 
 def _json_object(what: str, resp: httpx.Response) -> dict[str, Any]:
     try:
-        data = resp.json()
-    except ValueError:
-        raise EngineError(f"{what}: reply is not JSON: {resp.text[:200]!r}") from None
-    if not isinstance(data, dict):
-        raise EngineError(f"{what}: reply is not a JSON object: {resp.text[:200]!r}")
-    return data
+        return json_object(resp)
+    except BadJSONReply as exc:
+        raise EngineError(f"{what}: {exc}") from None
 
 
 # --------------------------------------------------------------------------- control plane

@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from gsjax import httputil
 from gsjax.agent.config import RetryConfig
 from gsjax.agent.images import ImageStore
 from gsjax.agent.protocol import ToolArgumentError
@@ -274,17 +275,11 @@ def json_object(what: str, resp: httpx.Response) -> dict[str, Any]:
 
 
 async def read_capped(resp: httpx.Response, max_bytes: int, what: str) -> bytes:
-    """Read a streamed body, refusing (not truncating) anything over `max_bytes`."""
-    declared = resp.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > max_bytes:
-        raise ToolTooLarge(f"{what}: body of {int(declared)} bytes exceeds the cap of {max_bytes}")
-    chunks, size = [], 0
-    async for chunk in resp.aiter_bytes():
-        size += len(chunk)
-        if size > max_bytes:
-            raise ToolTooLarge(f"{what}: body exceeds the cap of {max_bytes} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
+    """Read a streamed body, refusing (not truncating) anything over `max_bytes` with ToolTooLarge."""
+    try:
+        return await httputil.read_capped(resp, max_bytes)
+    except httputil.BodyTooLarge as exc:
+        raise ToolTooLarge(f"{what}: {exc}") from None
 
 
 # --------------------------------------------------------------------------- URL guard (SSRF)
