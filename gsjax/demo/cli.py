@@ -10,6 +10,9 @@ from typing import Annotated
 
 import typer
 
+from gsjax.demo.context import DemoConfig
+
+DEFAULTS = DemoConfig()
 
 def _progress_only(record: logging.LogRecord) -> bool:
     """Warnings, and gsjax's progress lines except one per agent episode (bm25s forces itself to DEBUG)."""
@@ -19,21 +22,23 @@ def _progress_only(record: logging.LogRecord) -> bool:
 
 
 def demo(
-    workdir: Annotated[Path, typer.Option(help="Where the demo writes everything; a second run resumes.")] = Path(
-        "runs/demo"),
-    sft_steps: Annotated[int, typer.Option(min=1, help="SFT optimizer steps on the built-in trajectories.")] = 30,
-    grpo_steps: Annotated[int, typer.Option(min=0, help="GRPO steps (0: skip the RL stage).")] = 3,
-    prompts_per_step: Annotated[int, typer.Option(min=1, help="GRPO prompts per step.")] = 2,
-    group_size: Annotated[int, typer.Option(min=1, help="GRPO rollouts per prompt.")] = 2,
-    max_llm_calls: Annotated[int, typer.Option(min=1, help="Policy calls per GRPO episode.")] = 4,
-    max_new_tokens: Annotated[int, typer.Option(min=1, help="New tokens per policy turn in GRPO.")] = 96,
+    workdir: Annotated[Path, typer.Option(help="Where the demo writes everything; a second run resumes.")] = (
+        DEFAULTS.workdir),
+    sft_steps: Annotated[int, typer.Option(
+        min=1, help="SFT optimizer steps on the built-in trajectories.")] = DEFAULTS.sft_steps,
+    grpo_steps: Annotated[int, typer.Option(min=0, help="GRPO steps (0: skip the RL stage).")] = DEFAULTS.grpo_steps,
+    prompts_per_step: Annotated[int, typer.Option(min=1, help="GRPO prompts per step.")] = DEFAULTS.prompts_per_step,
+    group_size: Annotated[int, typer.Option(min=1, help="GRPO rollouts per prompt.")] = DEFAULTS.group_size,
+    max_llm_calls: Annotated[int, typer.Option(min=1, help="Policy calls per GRPO episode.")] = DEFAULTS.max_llm_calls,
+    max_new_tokens: Annotated[int, typer.Option(
+        min=1, help="New tokens per policy turn in GRPO.")] = DEFAULTS.max_new_tokens_per_turn,
     fresh: Annotated[bool, typer.Option(help="Delete the work folder first instead of resuming.")] = False,
 ) -> None:
     """Offline, on CPU: synthetic agent trajectories -> SFT of a tiny Qwen3-VL -> image server (tiny diffusers
     pipeline) -> agentic GRPO with HEURISTIC rewards -> report. Ctrl-C stops cleanly; rerun to resume."""
     from rich.console import Console
 
-    from gsjax.demo.pipeline import DemoConfig, run_demo
+    from gsjax.demo.pipeline import run_demo
 
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("gsjax").setLevel(logging.INFO)

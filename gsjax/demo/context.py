@@ -22,17 +22,19 @@ class DemoConfig:
     """Sizes of the demo. Defaults fit a few minutes on a 2-core CPU; tests shrink the step counts."""
 
     workdir: Path = Path("runs/demo")
-    sft_steps: int = 30
-    grpo_steps: int = 3
+    model_preset: str = "tiny"
+    sft_steps: int = 300
+    grpo_steps: int = 6
     sft_records: int | None = None  # None: every built-in trajectory (3 prompt wordings x 10 subjects)
     sft_lr: float = 1e-2
     sft_seq_len: int = 2560  # one length bucket: one compiled step
     grpo_lr: float = 1e-4
     prompts_per_step: int = 2
-    group_size: int = 2
-    temperature: float = 0.7
+    group_size: int = 4
+    temperature: float = 0.5
+    top_p: float = 0.9
     max_llm_calls: int = 4
-    max_new_tokens_per_turn: int = 96
+    max_new_tokens_per_turn: int = 160
     max_context_tokens: int = 3072
     generator_steps: int = 2  # denoising steps of the tiny pipeline (random weights: more buys nothing)
     seed: int = 0

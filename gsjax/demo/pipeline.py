@@ -70,13 +70,13 @@ def sft_config(cfg: DemoConfig, layout: Layout, records: int) -> SFTConfig:
     batch = batch_shards()
     epochs = math.ceil(cfg.sft_steps * batch / max(records, 1)) + 1
     raw = {
-        "model": {"preset": "tiny", "dtype": "float32", "param_dtype": "float32"},
+        "model": {"preset": cfg.model_preset, "dtype": "float32", "param_dtype": "float32"},
         "mesh": {"data": 1, "fsdp": -1},
         "optim": {"lr": cfg.sft_lr, "weight_decay": 0.0, "schedule": "cosine", "warmup_steps": 1,
                   "min_lr_ratio": 0.1, "grad_clip": 1.0},
         "train": {"steps": cfg.sft_steps, "seed": cfg.seed, "log_every": 1, "checkpoint_every": 10,
                   "keep_checkpoints": 1, "out_dir": str(layout.sft), "export_hf_at_end": True,
-                  "tensorboard": False, "logits_chunk": 512},
+                  "tensorboard": False, "logits_chunk": 0},  # the head runs at the trained positions only
         "data": {"path": str(layout.data / "sft.jsonl"), "image_root": str(layout.data), "batch_size": batch,
                  "buckets": [cfg.sft_seq_len], "cutoff_len": cfg.sft_seq_len, "max_pixels": 65536,
                  "min_pixels": 65536, "num_epochs": epochs, "seed": cfg.seed, "vision_row_buckets": [512]},
@@ -96,10 +96,10 @@ def grpo_config(cfg: DemoConfig, layout: Layout, generator_url: str) -> GRPOConf
         "optim": {"lr": cfg.grpo_lr, "weight_decay": 0.0, "schedule": "constant", "grad_clip": 1.0},
         "train": {"steps": max(cfg.grpo_steps, 1), "seed": cfg.seed, "log_every": 1, "checkpoint_every": 1,
                   "keep_checkpoints": 1, "out_dir": str(layout.grpo), "export_hf_at_end": False,
-                  "tensorboard": False, "logits_chunk": 512},
+                  "tensorboard": False, "logits_chunk": 0},
         "data": {"path": str(layout.data / "rl_tasks.json"), "shuffle": True, "seed": cfg.seed},
         "rollout": {"engine": "jax", "group_size": cfg.group_size, "prompts_per_step": cfg.prompts_per_step,
-                    "temperature": cfg.temperature, "top_p": 1.0, "seed": cfg.seed, "max_slots": slots,
+                    "temperature": cfg.temperature, "top_p": cfg.top_p, "seed": cfg.seed, "max_slots": slots,
                     "max_total_len": cfg.max_context_tokens, "min_prefill_bucket": 256,
                     "max_prefill_tokens": 4 * cfg.max_context_tokens, "concurrency": slots},
         "env": {"kind": "agent", "max_llm_calls": cfg.max_llm_calls,

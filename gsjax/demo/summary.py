@@ -106,9 +106,11 @@ def rollout_notes(folder: Path) -> list[str]:
     notes = [f"GRPO rollouts: {len(rows)} episodes, {tools} tool-call turns, {errors} protocol errors, terminations "
              f"{dict(ends)}."]
     if ends.get("answer", 0) * 2 < len(rows):
-        notes.append("Most rollouts ended without a valid answer: after a few minutes of CPU SFT (loss still far from "
-                     "0) the tiny random model does not follow the tool protocol yet. What the demo shows is the whole "
-                     "path running: data, both trainers, checkpoints, the image server and the rewards.")
+        notes.append("Most rollouts ended without a valid answer. Minutes of CPU SFT teach the tiny model the form of "
+                     "the protocol (its greedy first turn is a valid tool call) but not yet to copy the subject's name "
+                     "out of the prompt, so sampled turns often name another subject or derail into malformed JSON, "
+                     "and rewards stay sparse over a handful of GRPO steps. What the demo shows is the whole path "
+                     "running: data, both trainers, checkpoints, the image server and the rewards.")
     return notes
 
 

@@ -1,7 +1,9 @@
 """Built-in agent trajectories for the demo's SFT stage, and the demo's RL tasks.
 
 A tiny model only learns the tool protocol from examples that are exactly what the agent loop produces,
-so nothing here writes protocol text by hand: a scripted policy (search -> [browse] -> image_search ->
+so nothing here writes protocol text by hand; and it learns in a few minutes only what it can predict, so
+the turns are short and formulaic (the subject's name, the tool's arguments, the picked image id) rather
+than copying facts out of long observations: a scripted policy (search -> [browse] -> image_search ->
 answer, each turn reading the previous observation) plays real episodes through `run_episode` against
 the offline corpus tools, and each finished episode becomes one ShareGPT record (`messages` + `images`,
 images before the text of their turn, as every gsjax path renders them).
@@ -85,11 +87,6 @@ def rl_tasks(subjects: Sequence[Subject]) -> list[DemoTask]:
 # --------------------------------------------------------------------------- the scripted policy
 
 
-def _first_sentence(text: str) -> str:
-    sentence = re.split(r"(?<=[.!?])\s", text.strip(), maxsplit=1)[0]
-    return sentence if sentence.endswith((".", "!", "?")) else sentence.rstrip(" .") + "."
-
-
 class ScriptedPolicy:
     """Plays one `DemoTask` by its plan; every turn is decided from what the tools actually returned."""
 
@@ -109,40 +106,30 @@ class ScriptedPolicy:
         return self.task.subject.name
 
     def _search(self, last: str, messages: Sequence[Message]) -> str:
-        think = f"The request is about the {self.name}. I will check the facts first, then find a reference image."
+        think = f"I need facts about the {self.name} first."
         return format_tool_call("search", {"queries": [f"{self.name} facts"], "top_k": 2}, think=think)
 
     def _browse(self, last: str, messages: Sequence[Message]) -> str:
         hit = _HIT_RE.search(last)
         url = hit.group("url") if hit else ""
-        think = f"The first hit looks like the {self.name} page. I will read it for the visual details."
+        think = f"I will read the {self.name} page."
         return format_tool_call("browse", {"url": url, "query": f"appearance of the {self.name}"}, think=think)
 
     def _image_search(self, last: str, messages: Sequence[Message]) -> str:
-        fact = self._fact(messages)
-        think = f"Learned: {fact} Now I need one clear reference image of the {self.name}."
+        think = f"Now I need a reference image of the {self.name}."
         return format_tool_call("image_search", {"query": self.name, "top_k": 2}, think=think)
-
-    def _fact(self, messages: Sequence[Message]) -> str:
-        for m in messages:
-            hit = _HIT_RE.search(m.text) if m.role == "user" else None
-            if hit:
-                return _first_sentence(hit.group("snippet"))
-        return f"The {self.name} is a well-known real-world subject."
 
     def _answer(self, last: str, messages: Sequence[Message]) -> str:
         found = [(m.group("id"), m.group("title")) for m in _IMG_RE.finditer(last)]
         words = set(self.name.lower().split())
         found.sort(key=lambda item: -len(words & set(item[1].lower().split())))
-        fact = self._fact(messages)
         style = self.task.prompt.split(" of the ")[0].split(" featuring the ")[0]
         if not found:
-            think = f"No usable image of the {self.name} came back, so I answer from the facts alone."
-            return format_answer(f"{style} of the {self.name}. {fact}", [], think=think)
-        img_id, title = found[0]
-        think = f"{img_id} ({title}) shows the {self.name} clearly; I keep it as the only reference."
-        prompt = (f"{style} of the {self.name}, matching the only reference image for its shape and colours. "
-                  f"{fact} Natural light, sharp focus.")
+            think = f"No image of the {self.name} came back."
+            return format_answer(f"{style} of the {self.name}.", [], think=think)
+        img_id = found[0][0]
+        think = f"{img_id} shows the {self.name}."
+        prompt = f"{style} of the {self.name}, matching the reference image for its shape and colours."
         return format_answer(prompt, [{"img_id": img_id, "note": f"shape and colours of the {self.name}"}],
                              think=think)
 

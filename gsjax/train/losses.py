@@ -61,6 +61,7 @@ def chunked_token_logprobs(hidden: jax.Array, head: jax.Array, targets: jax.Arra
     in the backward pass: peak memory holds one (B, chunk, V) block of logits instead of (B, L, V), which for a
     150k vocabulary is most of an 8B model's activation memory at long sequence lengths."""
     batch, length, width = hidden.shape
+    chunk = min(chunk, length)  # a short (e.g. loss-positions-only) input is one block, not padded to `chunk`
     pad = (-length) % chunk
     if pad:
         hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))

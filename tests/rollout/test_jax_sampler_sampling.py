@@ -80,3 +80,20 @@ def test_key_streams_and_chosen_logprobs():
     tokens = jnp.asarray([0, 9, 4])
     expected = np.asarray(logits) - np.log(np.exp(np.asarray(logits)).sum(-1, keepdims=True))
     np.testing.assert_allclose(np.asarray(chosen_logprobs(logits, tokens)), expected[[0, 1, 2], [0, 9, 4]], atol=1e-6)
+
+
+@pytest.mark.parametrize("top_k,top_p", [(0, 0.9), (40, 1.0), (300, 0.95), (0, 0.999), (5, 0.5), (0, 1.0)])
+def test_candidate_cutoffs_equal_the_full_sort_on_a_large_vocabulary(top_k, top_p, monkeypatch):
+    """The top-k candidates path and the full-sort path keep the same ids per row, in a batch mixing a
+    peaked row (found among the candidates) and a flat one (which may force the full sort)."""
+    import gsjax.rollout.sampling as sampling
+
+    rng = np.random.default_rng(top_k)
+    rows = np.stack([rng.normal(0, 6, 5000), rng.normal(0, 0.1, 5000)]).astype(np.float32)
+    k, p = jnp.full((2,), top_k, jnp.int32), jnp.full((2,), top_p, jnp.float32)
+    fast = np.asarray(filter_logits(jnp.asarray(rows), k, p))
+    monkeypatch.setattr(sampling, "FILTER_CANDIDATES", 5000)  # every row decided by the full sort
+    full = np.asarray(sampling.filter_logits(jnp.asarray(rows), k, p))
+    np.testing.assert_array_equal(np.isfinite(fast), np.isfinite(full))
+    for row in range(2):
+        np.testing.assert_array_equal(np.isfinite(fast[row]), np.isfinite(hf_filter(rows[row], top_k, top_p)))

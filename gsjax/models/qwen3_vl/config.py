@@ -178,7 +178,7 @@ class Qwen3VLConfig:
     def model_type(self) -> str:
         return "qwen3_vl_moe" if self.is_moe else "qwen3_vl"
 
-    def validate(self) -> "Qwen3VLConfig":
+    def validate(self) -> Qwen3VLConfig:
         self.text.validate()
         self.vision.validate()
         self.runtime.validate()
@@ -192,12 +192,12 @@ class Qwen3VLConfig:
                 raise ConfigError(f"{name}={getattr(self, name)} outside vocab_size={self.text.vocab_size}")
         return self
 
-    def with_runtime(self, **kw: Any) -> "Qwen3VLConfig":
+    def with_runtime(self, **kw: Any) -> Qwen3VLConfig:
         return dataclasses.replace(self, runtime=dataclasses.replace(self.runtime, **kw))
 
     # ------------------------------------------------------------------ HF I/O
     @classmethod
-    def from_hf_dict(cls, d: dict[str, Any], runtime: RuntimeConfig | None = None) -> "Qwen3VLConfig":
+    def from_hf_dict(cls, d: dict[str, Any], runtime: RuntimeConfig | None = None) -> Qwen3VLConfig:
         """Parse an HF `config.json` dict in the 4.57 hub form or the 5.x form."""
         model_type = d.get("model_type", "")
         if model_type not in ("qwen3_vl", "qwen3_vl_moe"):
@@ -214,7 +214,7 @@ class Qwen3VLConfig:
         ).validate()
 
     @classmethod
-    def from_file(cls, path: str | Path, runtime: RuntimeConfig | None = None) -> "Qwen3VLConfig":
+    def from_file(cls, path: str | Path, runtime: RuntimeConfig | None = None) -> Qwen3VLConfig:
         path = Path(path)
         if path.is_dir():
             path = path / "config.json"
