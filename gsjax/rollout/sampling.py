@@ -36,7 +36,9 @@ def chosen_logprobs(logits: jax.Array, tokens: jax.Array) -> jax.Array:
 
 FILTER_CANDIDATES = 256
 """Top-k/top-p cutoffs are found among each row's largest logits (`lax.top_k`, ~100x cheaper on a CPU than
-sorting a 150k vocabulary); a batch where that is not exact for some row takes the full sort instead."""
+sorting a 150k vocabulary). A flat distribution (an untrained or uncertain policy) can need more than that
+for top-p: then the cutoff is bisected over the row's values, and only what neither decides is sorted."""
+BISECT_STEPS = 48
 
 
 def _cutoff(ordered: jax.Array, log_norm: jax.Array, top_k: jax.Array, top_p: jax.Array,
@@ -60,6 +62,25 @@ def _cutoff(ordered: jax.Array, log_norm: jax.Array, top_k: jax.Array, top_p: ja
     return jnp.where(no_filter, -jnp.inf, cutoff), no_filter | decided_k | decided_p
 
 
+def _bisect_top_p(row: jax.Array, log_norm: jax.Array, top_p: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(cutoff, exact) of top-p alone on one row without sorting: the smallest row value v whose strictly
+    larger values hold less than `top_p` of the mass (so v is kept, as in the sorted rule). That mass only
+    falls as a threshold rises, so bisection between min and max brackets v in (lo, hi]; it is exact when
+    the bracket ends up holding a single distinct value."""
+    probs = jnp.exp(row - log_norm)
+
+    def step(_: int, bracket: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        lo, hi = bracket
+        mid = lo + (hi - lo) / 2
+        keeps_mid = jnp.sum(jnp.where(row > mid, probs, 0.0)) < top_p
+        return jnp.where(keeps_mid, lo, mid), jnp.where(keeps_mid, mid, hi)
+
+    lo, hi = jax.lax.fori_loop(0, BISECT_STEPS, step, (jnp.min(row) - 1.0, jnp.max(row)))
+    inside = (row > lo) & (row <= hi)
+    cutoff = jnp.min(jnp.where(inside, row, jnp.inf))
+    return cutoff, cutoff == jnp.max(jnp.where(inside, row, -jnp.inf))
+
+
 def filter_logits(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
     """Temperature-scaled logits (B, V) (or one row (V,)) with everything outside each row's top-k, then
     top-p, set to -inf; top_k (B,), top_p (B,).
@@ -75,8 +96,17 @@ def filter_logits(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.
     cutoff_of = jax.vmap(lambda o, n, k, p: _cutoff(o, n, k, p, vocab))
     head = jax.lax.top_k(scaled, min(FILTER_CANDIDATES, vocab))[0]
     cutoff, exact = cutoff_of(head, log_norm, top_k, top_p)
-    cutoff = jax.lax.cond(jnp.all(exact), lambda: cutoff,
-                          lambda: cutoff_of(-jnp.sort(-scaled, axis=-1), log_norm, top_k, top_p)[0])
+
+    def sorted_cutoffs() -> jax.Array:
+        return cutoff_of(-jnp.sort(-scaled, axis=-1), log_norm, top_k, top_p)[0]
+
+    def bisected_cutoffs() -> jax.Array:
+        bisected, found = jax.vmap(_bisect_top_p)(scaled, log_norm, top_p)
+        use = ~exact & (top_k <= 0) & (top_p < 1) & found
+        merged = jnp.where(use, bisected, cutoff)
+        return jax.lax.cond(jnp.all(exact | use), lambda: merged, sorted_cutoffs)
+
+    cutoff = jax.lax.cond(jnp.all(exact), lambda: cutoff, bisected_cutoffs)
     return jnp.where(scaled >= cutoff[:, None], scaled, -jnp.inf)
 
 

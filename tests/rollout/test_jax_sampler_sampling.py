@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -83,17 +84,34 @@ def test_key_streams_and_chosen_logprobs():
 
 
 @pytest.mark.parametrize("top_k,top_p", [(0, 0.9), (40, 1.0), (300, 0.95), (0, 0.999), (5, 0.5), (0, 1.0)])
-def test_candidate_cutoffs_equal_the_full_sort_on_a_large_vocabulary(top_k, top_p, monkeypatch):
-    """The top-k candidates path and the full-sort path keep the same ids per row, in a batch mixing a
-    peaked row (found among the candidates) and a flat one (which may force the full sort)."""
+@pytest.mark.parametrize("path", ["candidates+bisection", "candidates+sort"])
+def test_fast_cutoffs_equal_the_full_sort_on_a_large_vocabulary(top_k, top_p, path, monkeypatch):
+    """The top-k candidates path (with bisection, or the sort, for what it leaves open) keeps the ids the
+    full sort keeps, per row, in a batch mixing a peaked row (decided among the candidates) and a flat one
+    (which needs more than the candidates for top-p), and both agree with HF's warpers."""
     import gsjax.rollout.sampling as sampling
 
     rng = np.random.default_rng(top_k)
     rows = np.stack([rng.normal(0, 6, 5000), rng.normal(0, 0.1, 5000)]).astype(np.float32)
     k, p = jnp.full((2,), top_k, jnp.int32), jnp.full((2,), top_p, jnp.float32)
-    fast = np.asarray(filter_logits(jnp.asarray(rows), k, p))
+    if path == "candidates+sort":
+        monkeypatch.setattr(sampling, "BISECT_STEPS", 0)  # the bracket never closes: every open row is sorted
+    fast = np.asarray(sampling.filter_logits(jnp.asarray(rows), k, p))
     monkeypatch.setattr(sampling, "FILTER_CANDIDATES", 5000)  # every row decided by the full sort
     full = np.asarray(sampling.filter_logits(jnp.asarray(rows), k, p))
     np.testing.assert_array_equal(np.isfinite(fast), np.isfinite(full))
     for row in range(2):
         np.testing.assert_array_equal(np.isfinite(fast[row]), np.isfinite(hf_filter(rows[row], top_k, top_p)))
+
+
+def test_bisection_finds_the_top_p_cutoff_with_ties():
+    from gsjax.rollout.sampling import _bisect_top_p
+
+    row = jnp.asarray([3.0, 1.0, 1.0, 1.0, 0.5, -2.0, 1.0, 0.5], jnp.float32)
+    log_norm = jax.nn.logsumexp(row)
+    probs = np.exp(np.asarray(row - log_norm))
+    for top_p in (0.1, 0.4, 0.6, 0.9, 0.99):
+        cutoff, exact = _bisect_top_p(row, log_norm, jnp.float32(top_p))
+        above = lambda v: probs[np.asarray(row) > v].sum()  # noqa: E731
+        expected = min(v for v in np.asarray(row) if above(v) < top_p)
+        assert bool(exact) and float(cutoff) == expected
