@@ -37,7 +37,7 @@ from gsjax.parallel.sharding import DEFAULT_RULES, Rules, param_shardings
 from .batch_decoder import BatchDecoder, batch_parallelism
 from .engine import EngineError, GenerationRequest, GenerationResult
 from .sampling import batch_mode
-from .slots import Decoding, build_prefill, fit_bucket, power_buckets, prepare, take_group
+from .slots import Decoding, build_prefill, fit_bucket, power_buckets, prepare, split_buckets, take_group
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,7 @@ class SamplerConfig:
     min_prefill_bucket: int = 64  # prompt lengths are padded to powers of two from here up to max_total_len
     max_prefill_tokens: int = 16384  # padded prompt tokens per prefill call (rows × length bucket)
     min_vision_rows: int = 256  # image patch rows are padded to powers of two from here
+    decode_window_splits: int = 2  # decode windows: the prefill buckets with each octave cut in this many steps
 
     def validate(self, batch_parallelism: int) -> None:
         if self.max_slots < 1 or self.max_slots % batch_parallelism:
@@ -58,6 +59,8 @@ class SamplerConfig:
                              f"devices that split the batch")
         if self.max_total_len < 2 or self.min_prefill_bucket < 1:
             raise ValueError("max_total_len must be >= 2 and min_prefill_bucket >= 1")
+        if self.decode_window_splits < 1:
+            raise ValueError(f"decode_window_splits must be >= 1, got {self.decode_window_splits}")
 
 
 @dataclass
@@ -101,7 +104,7 @@ class JaxSampler:
         self.row_buckets = power_buckets(parallel, c.max_slots, multiple=parallel)
         self.length_buckets = power_buckets(min(c.min_prefill_bucket, c.max_total_len), c.max_total_len)
         # decode attends over the smallest of these that holds the longest live row: one compile per bucket
-        self.window_buckets = self.length_buckets
+        self.window_buckets = split_buckets(self.length_buckets, c.decode_window_splits)
         self.stats = SamplerStats()
         self._slots: list[Decoding | None] = [None] * c.max_slots
         self._pending: deque[Decoding] = deque()

@@ -37,6 +37,21 @@ def power_buckets(low: int, high: int, multiple: int = 1) -> tuple[int, ...]:
     return tuple(sorted({-(-b // multiple) * multiple for b in out}))
 
 
+def split_buckets(buckets: Sequence[int], splits: int, multiple: int = 8) -> tuple[int, ...]:
+    """`buckets` with each gap cut into `splits` near-equal steps (rounded up to `multiple`): 256, 512 with
+    splits=2 -> 256, 384, 512. Finer decode windows cost one compile each and save the reads of up to
+    half an octave of unused cache per step."""
+    if splits < 1:
+        raise ValueError(f"splits must be >= 1, got {splits}")
+    out = set(buckets)
+    for low, high in zip(buckets, buckets[1:]):
+        for i in range(1, splits):
+            size = -(-(low + (high - low) * i // splits) // multiple) * multiple
+            if low < size < high:
+                out.add(size)
+    return tuple(sorted(out))
+
+
 def fit_bucket(n: int, buckets: Sequence[int]) -> int:
     """The smallest bucket >= n."""
     for b in buckets:

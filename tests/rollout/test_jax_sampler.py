@@ -145,7 +145,7 @@ def count_backend_compiles():
 
 
 def test_decode_compiles_once_per_window_bucket_never_per_token(sampler):
-    assert sampler.window_buckets == (32, 64)
+    assert sampler.window_buckets == (32, 48, 64)  # the prefill buckets 32, 64, each octave cut in two
     before = sampler.compilations()
     # 7 + 40 tokens cross from the 32-slot window into the 64-slot one: at most one new variant per bucket
     first = sampler.generate_batch([text_request(5, greedy(40)), text_request(7, greedy(40))])

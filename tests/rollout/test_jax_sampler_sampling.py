@@ -115,3 +115,14 @@ def test_bisection_finds_the_top_p_cutoff_with_ties():
         above = lambda v: probs[np.asarray(row) > v].sum()  # noqa: E731
         expected = min(v for v in np.asarray(row) if above(v) < top_p)
         assert bool(exact) and float(cutoff) == expected
+
+
+def test_split_buckets_cut_each_octave():
+    from gsjax.rollout.slots import split_buckets
+
+    assert split_buckets((256, 512, 1024), 2) == (256, 384, 512, 768, 1024)
+    assert split_buckets((256, 512), 4) == (256, 320, 384, 448, 512)
+    assert split_buckets((64, 128, 200), 1) == (64, 128, 200)
+    assert split_buckets((64, 128, 136), 2) == (64, 96, 128, 136)  # no step lands on or past the next bucket
+    with pytest.raises(ValueError):
+        split_buckets((64, 128), 0)
