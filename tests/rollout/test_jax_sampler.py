@@ -118,8 +118,9 @@ def test_concurrent_generate_calls_are_batched(sampler):
     assert many[0].output_ids == many[1].output_ids
     stats = sampler.stats
     assert stats.peak_live == 4 and stats.tokens == 60
-    # six requests of ten tokens one after another take 6 x 9 decode steps; four slots shared: about two rounds
-    assert stats.decode_steps <= 25
+    # six requests of ten tokens one after another take 6 x 9 = 54 decode steps; four shared slots need about
+    # two rounds, three when the threads' timing (a loaded CI machine, a first-use compile) staggers arrivals
+    assert stats.decode_steps <= 32
 
 
 def test_cache_capacity_ends_generation_with_length(sampler, sampler_runner):
