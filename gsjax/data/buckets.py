@@ -29,14 +29,20 @@ def assign_buckets(lengths: np.ndarray, buckets: tuple[int, ...]) -> np.ndarray:
     return np.where((lengths >= 0) & (idx < len(edges)), idx, EMPTY).astype(np.int64)
 
 
-def auto_vision_bucket(rows: int, minimum: int = 64) -> int:
-    """Smallest of 2^k and 3 * 2^(k-1) (64, 96, 128, 192, ...) that holds `rows`: at most a third is padding,
-    with two shapes per doubling. `minimum` must be a multiple of 4 (the tower merges 2 x 2 patches)."""
-    size = max(int(minimum), 4)
-    while size < rows:
+def ladder_bucket(n: int, minimum: int) -> int:
+    """Smallest of 2^k and 3 * 2^(k-1) (64, 96, 128, 192, ... from `minimum`) that holds `n`: at most a third
+    is padding, with two shapes per doubling (below 8 only powers of two)."""
+    size = int(minimum)
+    while size < n:
         power_of_two = size & (size - 1) == 0
         size = size * 3 // 2 if power_of_two and size >= 8 else 1 << size.bit_length()
     return size
+
+
+def auto_vision_bucket(rows: int, minimum: int = 64) -> int:
+    """`ladder_bucket` for image patch rows. `minimum` must be a multiple of 4 (the tower merges 2 x 2
+    patches)."""
+    return ladder_bucket(rows, max(int(minimum), 4))
 
 
 def vision_row_bucket(rows: int, buckets: tuple[int, ...] | None, minimum: int = 64) -> int:

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from gsjax.data.buckets import ladder_bucket
 from gsjax.data.encode import EncodedExample
 from gsjax.models.qwen3_vl.config import Qwen3VLConfig, VisionConfig
 from gsjax.models.qwen3_vl.rope import get_rope_index
@@ -65,14 +66,6 @@ def shift_targets(input_ids: np.ndarray, loss_mask: np.ndarray, attention_mask: 
 MIN_LOSS_POSITIONS = 64
 
 
-def loss_position_bucket(count: int, length: int) -> int:
-    """Smallest of 64, 96, 128, 192, 256, ... (2^k and 3·2^(k-1)) holding `count`: few compiled shapes."""
-    size = MIN_LOSS_POSITIONS
-    while size < count:
-        size = size * 3 // 2 if size & (size - 1) == 0 else size * 4 // 3
-    return size
-
-
 def loss_positions(target_mask: np.ndarray) -> np.ndarray | None:
     """(B, K) positions of each row's trained targets in order, padded with L-1 (its target is never
     trained: see `shift_targets`); None when the bucketed K would not be below L."""
@@ -80,7 +73,7 @@ def loss_positions(target_mask: np.ndarray) -> np.ndarray | None:
     trained = target_mask > 0
     if trained[:, -1].any():
         raise ValueError("the last position of a row cannot carry a trained target")
-    k = loss_position_bucket(int(trained.sum(axis=1).max(initial=0)), length)
+    k = ladder_bucket(int(trained.sum(axis=1).max(initial=0)), MIN_LOSS_POSITIONS)
     if k >= length:
         return None
     out = np.full((batch, k), length - 1, np.int32)

@@ -14,6 +14,7 @@ from gsjax.demo.context import DemoConfig
 
 DEFAULTS = DemoConfig()
 
+
 def _progress_only(record: logging.LogRecord) -> bool:
     """Warnings, and gsjax's progress lines except one per agent episode (bm25s forces itself to DEBUG)."""
     if record.levelno >= logging.WARNING:

@@ -112,13 +112,11 @@ def filter_logits(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.
 
 def _sample_row(logits: jax.Array, scaled: jax.Array, key_data: jax.Array, index: jax.Array,
                 temperature: jax.Array, mode: Mode) -> jax.Array:
-    """One row's token: argmax when greedy, else a draw from `scaled` (filtered, in "filter" mode) at its
-    temperature; the draw depends only on this row's key and index."""
+    """One row's token: argmax when greedy, else a draw from `scaled` (the logits at the row's temperature,
+    filtered in "filter" mode); the draw depends only on this row's key and index."""
     greedy = temperature <= 0
     if mode == "greedy":
         return jnp.argmax(logits).astype(jnp.int32)
-    if mode == "sample":
-        scaled = logits / jnp.where(greedy, 1.0, temperature)
     key = jax.random.fold_in(jax.random.wrap_key_data(key_data, impl=KEY_IMPL), index)
     sampled = jax.random.categorical(key, scaled)
     return jnp.where(greedy, jnp.argmax(logits), sampled).astype(jnp.int32)
@@ -143,9 +141,9 @@ def sample_tokens(logits: jax.Array, key_data: jax.Array, index: jax.Array, temp
     takes the argmax of every row, "sample" ignores top-k/top-p, "filter" applies everything.
     """
     logits = logits.astype(jnp.float32)
-    scaled = logits
+    scaled = logits / jnp.where(temperature <= 0, 1.0, temperature)[:, None]
     if mode == "filter":  # filtered per batch (one top-k call); each row's draw then uses its own key only
-        scaled = filter_logits(logits / jnp.where(temperature <= 0, 1.0, temperature)[:, None], top_k, top_p)
+        scaled = filter_logits(scaled, top_k, top_p)
     row = jax.vmap(lambda *a: _sample_row(*a, mode=mode))
     tokens = row(logits, scaled, key_data, index, temperature)
     return tokens, chosen_logprobs(logits, tokens)

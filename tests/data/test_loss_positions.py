@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gsjax.data.collate import loss_position_bucket, loss_positions
+from gsjax.data.buckets import ladder_bucket
+from gsjax.data.collate import MIN_LOSS_POSITIONS, loss_positions
 
 
 def test_positions_in_order_padded_with_the_untrained_last_position():
@@ -33,6 +34,6 @@ def test_a_trained_last_position_is_refused():
 
 
 def test_buckets_are_few_and_waste_under_a_half():
-    sizes = sorted({loss_position_bucket(n, 10**6) for n in range(1, 5000)})
+    sizes = sorted({ladder_bucket(n, MIN_LOSS_POSITIONS) for n in range(1, 5000)})
     assert sizes[:6] == [64, 96, 128, 192, 256, 384] and len(sizes) < 20
-    assert all(loss_position_bucket(n, 10**6) < 1.5 * n + 64 for n in range(1, 5000))
+    assert all(ladder_bucket(n, MIN_LOSS_POSITIONS) < 1.5 * n + 64 for n in range(1, 5000))
