@@ -23,7 +23,7 @@ class DemoConfig:
 
     workdir: Path = Path("runs/demo")
     model_preset: str = "tiny"
-    sft_steps: int = 300
+    sft_steps: int = 500  # at 300, greedy first turns sat one near-tie from a broken tool-call tag
     grpo_steps: int = 6
     sft_records: int | None = None  # None: every built-in trajectory (3 prompt wordings x 10 subjects)
     sft_lr: float = 1e-2

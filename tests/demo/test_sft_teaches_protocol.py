@@ -1,6 +1,6 @@
 """The demo's SFT stage, at its default size, teaches the tiny model the tool protocol: after it, a greedy
-first turn on every held-out RL prompt takes the form of a tool call, and some parse in full as `search`
-calls (the random init never does either)."""
+first turn on (nearly) every held-out RL prompt takes the form of a tool call, and most parse in full
+as `search` calls (the random init never does either)."""
 
 from __future__ import annotations
 
@@ -49,11 +49,13 @@ def test_default_demo_sft_makes_the_first_turn_a_valid_search_call(tmp_path: Pat
     turns = [parse_turn(text) for text in first_turns(layout.sft_hf, system, prompts)]
     losses = [json.loads(line)["loss"] for line in (layout.sft / "metrics.jsonl").read_text().splitlines()]
     assert losses[0] > 10 and np.mean(losses[-20:]) < 0.5  # from ln(vocab) to a fraction of a nat per token
-    assert all(t.kind == "tool_call" for t in turns), turns  # every first turn takes the form of a tool call
-    # XLA's CPU reductions are not bit-reproducible run to run, and 300 steps amplify that: how many of the
-    # greedy turns also parse in full varies (3 to 10 of 10 seen); the random init never gets one
+    # XLA's CPU reductions are not bit-reproducible run to run (nor across CPUs), and hundreds of steps amplify
+    # that, so the thresholds leave room: at 300 steps one near-tie (a newline after </think> or after
+    # <tool_call>) broke 3 to 7 of 10 turns depending on the machine; 500 steps gave 10 of 10 valid calls here.
+    # The random init gets none. The subject's name is not asserted: copying it is beyond this budget.
+    in_form = [t for t in turns if t.kind == "tool_call"]
     valid = [t for t in turns if t.error is None and t.tool_call is not None]
-    assert valid, turns
+    assert len(in_form) >= 8 and len(valid) >= 5, turns
     assert {t.tool_call.name for t in valid} == {"search"}
     assert all(isinstance(t.tool_call.arguments.get("queries"), list) and t.tool_call.arguments["queries"]
                for t in valid)
