@@ -7,8 +7,10 @@ needs no padding) and the same sampling (greedy by default; --temperature/--top-
 must produce exactly --new-tokens tokens per prompt (no stop tokens; transformers gets min_new_tokens).
 A timed call is one whole batch, prefill plus decode (best of --repeats, the two sides interleaved); a call
 for one token gives the prefill time and so the decode-only rate. The sampler is built with max_slots =
-batch. Weight sync: `export_hf` of the model plus `update_weights(directory)`, and the in-memory
-`update_weights(state)`. Prints one JSON line; "ratio" is gsjax tokens/s over transformers tokens/s.
+batch and without prefix reuse (the timed calls repeat the same prompts, which a reusing sampler would not
+prefill again; scripts/bench_multiturn.py measures reuse). Weight sync: `export_hf` of the model plus
+`update_weights(directory)`, and the in-memory `update_weights(state)`. Prints one JSON line; "ratio" is
+gsjax tokens/s over transformers tokens/s.
 
   CPU (small):  python scripts/bench_sampler.py --prompt-lens 64,256 --new-tokens 32
   GPU:          python scripts/bench_sampler.py --workload 8b-8layers --dtype bfloat16 --prompt-lens 512,2048 \
@@ -50,7 +52,8 @@ class Ours:
         if args.max_total_len < length + args.new_tokens:
             raise SystemExit(f"--max-total-len {args.max_total_len} is shorter than prompt {length} + new tokens")
         self.sampler = JaxSampler(model, SamplerConfig(max_slots=batch, max_total_len=args.max_total_len,
-                                                       min_prefill_bucket=length, max_prefill_tokens=batch * length))
+                                                       min_prefill_bucket=length, max_prefill_tokens=batch * length,
+                                                       prefix_reuse=False))
         self.prompts, self.args = prompts, args
 
     def run(self, new_tokens: int) -> np.ndarray:

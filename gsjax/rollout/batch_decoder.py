@@ -4,6 +4,9 @@ Two jitted programs, both with static shapes so decoding never recompiles per to
   prefill  (rows bucket × prompt-length bucket): prompts (+ images, the vision tower runs once) into a
            fresh cache exactly as long as the bucket, the first token sampled, and the rows copied into
            their slots of the big cache (filler rows target an out-of-range slot and are dropped);
+           with a `window` (prefix reuse), the rows are prompt suffixes: each slot's first `window` cache
+           columns are gathered, the suffix is written after the slot's reused prefix and attends to it,
+           and the rows go back;
   decode   (all slots, one token each, per window bucket): every slot advances one token, attending only over
            the first `window` cache slots (the host picks the smallest bucket that holds its longest live row, so
            short sequences do not pay for the whole preallocated cache); idle slots compute garbage that the
@@ -87,6 +90,15 @@ def _committed(tree):
     return jax.tree.map(lambda x: jax.device_put(x, x.sharding), tree)
 
 
+def gather_rows(cache: DecodeCache, slots: jax.Array, offsets: jax.Array, window: int) -> DecodeCache:
+    """The first `window` columns of some slots' rows, of which the first `offsets` (a reused prefix) stay
+    valid; writes go after them. Out-of-range slots (filler rows) read the last slot and are never stored."""
+    rows = jnp.minimum(slots, cache.lengths.shape[0] - 1)
+    valid = jnp.arange(window)[None, :] < offsets[:, None]
+    layers = [LayerCache(k=layer.k[rows, :window], v=layer.v[rows, :window]) for layer in cache.layers]
+    return DecodeCache(layers=layers, kv_valid=valid, lengths=offsets.astype(jnp.int32))
+
+
 def insert_rows(cache: DecodeCache, fresh: DecodeCache, slots: jax.Array, valid: jax.Array,
                 lengths: jax.Array) -> DecodeCache:
     """Copy prefilled rows (a cache of P columns) into slots of the big cache; the rest of a slot's row is
@@ -119,8 +131,8 @@ class BatchDecoder:
         self._lock = threading.Lock()
         cache_s, state_s, token_s = self._shardings()
         outs = None if mesh is None else (cache_s, state_s, token_s, token_s)
-        self._prefill = jax.jit(self._prefill_fn, static_argnames=("mode",), donate_argnames=("cache", "state"),
-                                out_shardings=outs)
+        self._prefill = jax.jit(self._prefill_fn, static_argnames=("mode", "window"),
+                                donate_argnames=("cache", "state"), out_shardings=outs)
         self._decode = jax.jit(self._decode_fn, static_argnames=("mode", "window"), donate_argnames=("cache", "state"),
                                out_shardings=outs)
         empty = jax.jit(self._empty, out_shardings=None if mesh is None else (cache_s, state_s))
@@ -162,16 +174,21 @@ class BatchDecoder:
     def _empty(self) -> tuple[DecodeCache, SlotState]:
         return DecodeCache.create(self.config, self.num_slots, self.max_len), SlotState.empty(self.num_slots)
 
-    def _prefill_fn(self, params, cache: DecodeCache, state: SlotState, batch: PrefillBatch, *, mode: Mode):
+    def _prefill_fn(self, params, cache: DecodeCache, state: SlotState, batch: PrefillBatch, *, mode: Mode,
+                    window: int | None):
         model = nnx.merge(self.graphdef, params)
         rows, width = batch.input_ids.shape
         with self._rules():
-            fresh = DecodeCache.create(self.config, rows, width, dtype=cache.layers[0].k.dtype)
-            out = model(batch.input_ids, batch.positions, batch.attention_mask, batch.vision, cache=fresh,
+            if window is None:
+                rows_cache = DecodeCache.create(self.config, rows, width, dtype=cache.layers[0].k.dtype)
+            else:
+                rows_cache = gather_rows(cache, batch.slots, batch.offsets, window)
+            out = model(batch.input_ids, batch.positions, batch.attention_mask, batch.vision, cache=rows_cache,
                         logits_index=batch.last_index[:, None])
         tokens, logprobs = sample_tokens(out.logits[:, 0], batch.key_data, jnp.zeros((rows,), jnp.int32),
                                          batch.temperature, batch.top_k, batch.top_p, mode)
-        cache = insert_rows(cache, out.cache, batch.slots, batch.attention_mask, batch.last_index + 1)
+        cache = insert_rows(cache, out.cache, batch.slots, out.cache.kv_valid,
+                            batch.offsets + batch.last_index + 1)
         return cache, state.insert(batch.slots, batch, tokens), tokens, logprobs
 
     def _decode_fn(self, params, cache: DecodeCache, state: SlotState, *, mode: Mode, window: int):
@@ -191,11 +208,20 @@ class BatchDecoder:
     def version(self) -> str:
         return self._weights[1]
 
-    def prefill(self, batch: PrefillBatch, mode: Mode) -> tuple[jax.Array, jax.Array, str]:
-        """Dispatch one prefill (asynchronously); returns the first tokens, their logprobs and the version."""
+    def prefill(self, batch: PrefillBatch, mode: Mode, window: int | None = None) -> tuple[jax.Array, jax.Array, str]:
+        """Dispatch one prefill (asynchronously); returns the first tokens, their logprobs and the version.
+
+        `window` (prefix reuse): the rows are suffixes written after `batch.offsets` cached tokens of their
+        slots, attending over the slots' first `window` columns, which must hold every row's prefix and its
+        whole padded suffix. Each distinct window is one compiled variant.
+        """
+        rows, width = batch.input_ids.shape
+        if window is not None and not (0 < window <= self.max_len and int(np.max(batch.offsets)) + width <= window):
+            raise ValueError(f"prefill window {window} must hold the longest reused prefix "
+                             f"({int(np.max(batch.offsets))}) plus the {width} suffix columns, within {self.max_len}")
         params, version = self._weights
         self.cache, self.state, tokens, logprobs = self._prefill(params, self.cache, self.state,
-                                                                 self._put_batch(batch), mode=mode)
+                                                                 self._put_batch(batch), mode=mode, window=window)
         return tokens, logprobs, version
 
     def decode(self, mode: Mode, window: int | None = None) -> tuple[jax.Array, jax.Array, str]:

@@ -6,6 +6,12 @@ continuous batching by slot refill: at every step boundary it admits waiting req
 previous step's tokens while the device computes the next one (one step in flight), so the host work
 of stop checks and bookkeeping overlaps device time. A finished request frees its slot at once.
 
+Prefix reuse (multi-turn rollouts): a finished request's keys/values stay in its slot; a later request whose
+prompt starts with that history (the agent's next turn: the same ids plus the tool response) is admitted into
+that slot and only its new suffix is prefilled. Requests that match nothing go to empty slots first, then to
+the slot whose prefix is oldest. A weight update makes every retained prefix stale (reused only under the
+version that computed it).
+
 Weight updates swap the parameters between two steps: requests in flight continue on the new weights
 (their cached keys/values were computed by the old ones); each result names the version of its last
 token and lists every version that produced some of its tokens in `extra["weight_versions"]`.
@@ -37,7 +43,17 @@ from gsjax.parallel.sharding import DEFAULT_RULES, Rules, param_shardings
 from .batch_decoder import BatchDecoder, batch_parallelism
 from .engine import EngineError, GenerationRequest, GenerationResult
 from .sampling import batch_mode
-from .slots import Decoding, build_prefill, fit_bucket, power_buckets, prepare, split_buckets, take_group
+from .slots import (
+    Decoding,
+    RetainedPrefix,
+    build_prefill,
+    fit_bucket,
+    power_buckets,
+    prepare,
+    reusable_length,
+    split_buckets,
+    take_group,
+)
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +68,8 @@ class SamplerConfig:
     max_prefill_tokens: int = 16384  # padded prompt tokens per prefill call (rows × length bucket)
     min_vision_rows: int = 256  # image patch rows are padded to powers of two from here
     decode_window_splits: int = 2  # decode windows: the prefill buckets with each octave cut in this many steps
+    prefix_reuse: bool = True  # keep finished requests' keys/values and prefill only the new suffix of a next turn
+    min_reuse_tokens: int = 32  # shorter common prefixes are prefilled again (not worth a second program)
 
     def validate(self, batch_parallelism: int) -> None:
         if self.max_slots < 1 or self.max_slots % batch_parallelism:
@@ -61,6 +79,8 @@ class SamplerConfig:
             raise ValueError("max_total_len must be >= 2 and min_prefill_bucket >= 1")
         if self.decode_window_splits < 1:
             raise ValueError(f"decode_window_splits must be >= 1, got {self.decode_window_splits}")
+        if self.min_reuse_tokens < 1:
+            raise ValueError(f"min_reuse_tokens must be >= 1, got {self.min_reuse_tokens}")
 
 
 @dataclass
@@ -69,6 +89,9 @@ class SamplerStats:
 
     prefill_calls: int = 0
     prefill_rows: int = 0  # requests admitted
+    prefill_tokens: int = 0  # prompt tokens computed by prefills
+    reused_rows: int = 0  # requests admitted onto a retained prefix
+    reused_tokens: int = 0  # prompt tokens taken from retained prefixes instead of being computed
     decode_steps: int = 0
     tokens: int = 0  # output tokens delivered
     peak_live: int = 0  # most slots busy at one step
@@ -107,6 +130,9 @@ class JaxSampler:
         self.window_buckets = split_buckets(self.length_buckets, c.decode_window_splits)
         self.stats = SamplerStats()
         self._slots: list[Decoding | None] = [None] * c.max_slots
+        self._retained: list[RetainedPrefix | None] = [None] * c.max_slots
+        self._retained_at = [0] * c.max_slots  # when each slot's prefix was left (older ones are evicted first)
+        self._clock = 0
         self._pending: deque[Decoding] = deque()
         self._inbox: queue.Queue = queue.Queue()
         self._closed = False
@@ -134,6 +160,12 @@ class JaxSampler:
             self.decoder.set_params(nnx.state(fresh, nnx.Param), version, copy=False)
         else:
             self.decoder.set_params(params, version)
+
+    def __enter__(self) -> JaxSampler:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def close(self) -> None:
         """Stop the loop; requests not finished yet complete with finish_reason "abort"."""
@@ -200,7 +232,8 @@ class JaxSampler:
         return any(s is not None for s in self._slots)
 
     def _admit(self, events: deque[_Event]) -> None:
-        """Prefill waiting requests into free slots, one batched call per admission group."""
+        """Prefill waiting requests into free slots: per admission group, one batched call for the requests
+        that continue a retained prefix and one for the rest."""
         while self._pending:
             if self._pending[0].future.cancelled():
                 self._pending.popleft()
@@ -208,20 +241,64 @@ class JaxSampler:
             free = [i for i, s in enumerate(self._slots) if s is None]
             if not free:
                 return
+            self._place(list(self._pending)[:len(free)], free)
             group = take_group(list(self._pending), len(free), self.row_buckets, self.length_buckets,
                                self.config.max_prefill_tokens)
-            for seq, slot in zip(group, free):
+            for seq in group:
                 self._pending.popleft()
-                seq.slot = slot
-                self._slots[slot] = seq
-            rows = fit_bucket(len(group), self.row_buckets)
-            length = fit_bucket(max(s.prompt.size for s in group), self.length_buckets)
-            batch = build_prefill(group, rows, length, self.config.max_slots, self.model_config,
-                                  self.config.min_vision_rows)
-            tokens, logprobs, version = self.decoder.prefill(batch, batch_mode(s.request.params for s in group))
-            events.append(_Event(list(enumerate(group)), tokens, logprobs, version))
-            self.stats.prefill_calls += 1
-            self.stats.prefill_rows += len(group)
+                self._slots[seq.slot] = seq
+                self._retained[seq.slot] = None
+            for seq in self._pending:  # placed but not taken: matched again at the next admission
+                seq.slot, seq.reuse, seq.inherited_versions = -1, 0, ()
+            fresh, extend, window = self._split_by_reuse(group)
+            for part, part_window in ((fresh, None), (extend, window)):
+                if part:
+                    self._prefill(part, part_window, events)
+
+    def _place(self, head: list[Decoding], free: list[int]) -> None:
+        """Pick each head request's slot: the free slot whose retained prefix it extends furthest, else an
+        empty one, else the one holding the oldest prefix. Sets `slot` and `reuse`."""
+        free = list(free)
+        version = self.decoder.version
+        for seq in head:
+            best, reuse = None, 0
+            if self.config.prefix_reuse:
+                for slot in free:
+                    n = reusable_length(self._retained[slot], seq, version)
+                    if n >= self.config.min_reuse_tokens and n > reuse:
+                        best, reuse = slot, n
+            if best is None:
+                best = min(free, key=lambda i: (self._retained[i] is not None, self._retained_at[i]))
+            free.remove(best)
+            seq.slot, seq.reuse = best, reuse
+            seq.inherited_versions = self._retained[best].versions if reuse else ()
+
+    def _split_by_reuse(self, group: list[Decoding]) -> tuple[list[Decoding], list[Decoding], int | None]:
+        """(fresh rows, rows that continue a prefix, the prefill window of the latter). A row whose prefix plus
+        the group's padded suffix would overflow its cache row is prefilled fresh instead."""
+        extend = sorted((s for s in group if s.reuse), key=lambda s: s.reuse)
+        while extend:
+            suffix = fit_bucket(max(s.prefill_length for s in extend), self.length_buckets)
+            if extend[-1].reuse + suffix <= self.config.max_total_len:
+                window = fit_bucket(extend[-1].reuse + suffix, self.window_buckets)
+                return [s for s in group if not s.reuse], extend, window
+            dropped = extend.pop()
+            dropped.reuse, dropped.inherited_versions = 0, ()
+        return list(group), [], None
+
+    def _prefill(self, group: list[Decoding], window: int | None, events: deque[_Event]) -> None:
+        rows = fit_bucket(len(group), self.row_buckets)
+        length = fit_bucket(max(s.prefill_length for s in group), self.length_buckets)
+        batch = build_prefill(group, rows, length, self.config.max_slots, self.model_config,
+                              self.config.min_vision_rows)
+        tokens, logprobs, version = self.decoder.prefill(batch, batch_mode(s.request.params for s in group), window)
+        events.append(_Event(list(enumerate(group)), tokens, logprobs, version))
+        st = self.stats
+        st.prefill_calls += 1
+        st.prefill_rows += len(group)
+        st.prefill_tokens += sum(s.prefill_length for s in group)
+        st.reused_rows += sum(1 for s in group if s.reuse)
+        st.reused_tokens += sum(s.reuse for s in group)
 
     def _decode(self) -> _Event:
         live = [(i, s) for i, s in enumerate(self._slots) if s is not None]
@@ -254,6 +331,10 @@ class JaxSampler:
                 continue
             self.stats.tokens += len(seq.tokens)
             self._slots[seq.slot] = None
+            keep = self.config.prefix_reuse
+            self._retained[seq.slot] = RetainedPrefix.of(seq, self.config.max_total_len) if keep else None
+            self._clock += 1
+            self._retained_at[seq.slot] = self._clock
             _resolve(seq)
 
     def _abort_all(self) -> None:
@@ -266,6 +347,7 @@ class JaxSampler:
             if item is not _CLOSE:
                 seqs.extend(item)
         self._slots = [None] * self.config.max_slots
+        self._retained = [None] * self.config.max_slots
         self._pending.clear()
         for seq in seqs:
             if self._error is not None:
