@@ -28,11 +28,12 @@ import numpy as np
 from gsjax.benchmarking import WORKLOADS, build_checkpoint
 
 
-def run_episodes(sampler, args: argparse.Namespace, vocab: int) -> tuple[float, list[list[int]]]:
-    """All episodes' turns, one batch per turn; returns the seconds and every episode's sampled ids."""
+def run_episodes(sampler, args: argparse.Namespace, vocab: int, seed: int) -> tuple[float, list[list[int]]]:
+    """All episodes' turns, one batch per turn; returns the seconds and every episode's sampled ids. Each
+    `seed` gives new first prompts, so a run's first turn never reuses an earlier run's prefixes."""
     from gsjax.rollout.engine import GenerationRequest, SamplingParams
 
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     params = SamplingParams(max_tokens=args.new_tokens, temperature=0.0)
     histories = [list(rng.integers(0, vocab, args.first_prompt)) for _ in range(args.episodes)]
     sampled: list[list[int]] = [[] for _ in range(args.episodes)]
@@ -53,11 +54,12 @@ def measure(model, args: argparse.Namespace, reuse: bool, vocab: int) -> tuple[d
     config = SamplerConfig(max_slots=args.episodes, max_total_len=total, min_prefill_bucket=args.min_bucket,
                            max_prefill_tokens=args.episodes * total, prefix_reuse=reuse)
     with JaxSampler(model, config) as sampler:
-        warm_s, _ = run_episodes(sampler, args, vocab)
+        warm_s, _ = run_episodes(sampler, args, vocab, seed=args.repeats)
         best, tokens, stats = float("inf"), [], SamplerStats()
-        for _ in range(args.repeats):
+        for repeat in range(args.repeats):
             sampler.stats = SamplerStats()
-            seconds, tokens = run_episodes(sampler, args, vocab)
+            seconds, sampled = run_episodes(sampler, args, vocab, seed=repeat)
+            tokens += sampled
             if seconds < best:
                 best, stats = seconds, sampler.stats
         out_tokens = args.episodes * args.turns * args.new_tokens

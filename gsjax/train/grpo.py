@@ -104,7 +104,8 @@ def make_engine(cfg: GRPOConfig, setup: ShardedSetup, state: TrainState, version
     mesh = setup.mesh if rollout_devices is None else build_mesh(MeshConfig(data=1, fsdp=-1), rollout_devices)
     model_cfg = cfg.model.resolve()
     sampler_cfg = SamplerConfig(max_slots=r.max_slots, max_total_len=r.max_total_len,
-                                min_prefill_bucket=r.min_prefill_bucket, max_prefill_tokens=r.max_prefill_tokens)
+                                min_prefill_bucket=r.min_prefill_bucket, max_prefill_tokens=r.max_prefill_tokens,
+                                prefix_reuse=r.prefix_reuse)
     return JaxSampler(sampler_model(setup, state, model_cfg.runtime.dtype), sampler_cfg, mesh=mesh,
                       rules=cfg.sharding_rules(), weight_version=version)
 
@@ -204,6 +205,15 @@ class StepContext:
     loop: asyncio.AbstractEventLoop | None = None  # the run's event loop for the rollout phase
 
 
+def prefill_counters(engine: RolloutEngine) -> dict[str, float]:
+    """Prompt tokens the embedded sampler prefilled and took from retained prefixes so far (multi-turn
+    episodes reuse their history); empty for engines that do not count them."""
+    stats = getattr(engine, "stats", None)
+    if stats is None:
+        return {}
+    return {"prefill_tokens": float(stats.prefill_tokens), "reused_prompt_tokens": float(stats.reused_tokens)}
+
+
 def update_policy(ctx: StepContext, state: TrainState, samples: Sequence[RLSample]
                   ) -> tuple[TrainState, dict[str, float], ExcludedEpisodes]:
     """All mini-batches of the step (old logprobs recomputed first, under the step's sampling weights)."""
@@ -241,8 +251,10 @@ def grpo_step(ctx: StepContext, state: TrainState, prompts: Sequence[Any], step:
     cfg, version = ctx.cfg, str(step)
     timings: dict[str, float] = {}
     clock = time.perf_counter()
+    before = prefill_counters(ctx.engine)
     rollouts = run_rollouts(ctx.env, prompts, cfg.rollout.group_size, step, ctx.loop)
     timings["rollout"] = time.perf_counter() - clock
+    prefill = {f"rollout/{k}": v - before[k] for k, v in prefill_counters(ctx.engine).items() if k in before}
     clock = time.perf_counter()
     ctx.env.score(rollouts, step)
     timings["reward"] = time.perf_counter() - clock
@@ -255,7 +267,7 @@ def grpo_step(ctx: StepContext, state: TrainState, prompts: Sequence[Any], step:
     samples, unusable = training_samples(rollouts, adv.advantages, adv.keep, ctx.model_cfg)
     excluded = adv.excluded.merge(unusable)
     groups = [r.group_id for r in rollouts]
-    metrics: dict[str, float] = {**rollout_metrics(rollouts, version), **group_metrics(rewards, groups)}
+    metrics: dict[str, float] = {**rollout_metrics(rollouts, version), **group_metrics(rewards, groups), **prefill}
     if samples:
         state, update, too_long = update_policy(ctx, state, samples)
         excluded = excluded.merge(too_long)

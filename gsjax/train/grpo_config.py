@@ -59,6 +59,7 @@ class RolloutSection:
     max_total_len: int = 36_864  # KV length per slot: covers env.max_context_tokens
     min_prefill_bucket: int = 64
     max_prefill_tokens: int = 16384
+    prefix_reuse: bool = True  # a turn prefills only what follows the history its slot still holds
     rollout_devices: int = 0  # 0: share the learner's mesh
     concurrency: int = 64  # episodes in flight
     sglang_url: str = "http://127.0.0.1:30000"
