@@ -53,7 +53,8 @@ class MeshConfig:
 
 
 def maybe_initialize_distributed() -> bool:
-    """Join a multi-host job when the environment says so (coordinator address, SLURM, or a TPU pod)."""
+    """Join a multi-host job when the environment says so: SLURM, a TPU pod, or an explicit
+    JAX_COORDINATOR_ADDRESS (host:port of process 0) with JAX_NUM_PROCESSES and JAX_PROCESS_ID."""
     if jax.distributed.is_initialized():
         return True
     explicit = "JAX_COORDINATOR_ADDRESS" in os.environ or "COORDINATOR_ADDRESS" in os.environ
@@ -61,7 +62,10 @@ def maybe_initialize_distributed() -> bool:
     tpu_pod = int(os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",")) > 0
     if not (explicit or slurm or tpu_pod):
         return False
-    jax.distributed.initialize()
+    counts = {key: int(os.environ[env]) for key, env in (("num_processes", "JAX_NUM_PROCESSES"),
+                                                         ("process_id", "JAX_PROCESS_ID")) if env in os.environ}
+    jax.distributed.initialize(os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("COORDINATOR_ADDRESS"),
+                               **counts)
     log.info("joined distributed job: process %d of %d", jax.process_index(), jax.process_count())
     return True
 

@@ -19,6 +19,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gsjax.models.qwen3_vl.vision import VisionInputs
+from gsjax.parallel.multihost import global_batch_array, global_vision, process_order
 from gsjax.parallel.sharding import Rules, batch_sharding, logical_sharding
 
 from .model_loss import Batch, LossFn, sft_loss
@@ -106,17 +107,22 @@ class Learner:
 
     # ---------------------------------------------------------------- host API
     def shard_batch(self, batch: Batch) -> dict[str, Any]:
-        """Place a host batch on the mesh: token arrays split over the batch axes, vision rows replicated."""
+        """Place this host's batch on the mesh: token arrays split over the batch axes (each host's rows are
+        its block of the global batch), vision rows replicated (every host's images, in global row order)."""
         mesh, rules = self.setup.mesh, self.setup.rules
         batch = device_batch(batch)
         if jax.process_count() > 1:  # K is chosen per host: the full-length head keeps global shapes equal
             batch.pop("loss_positions", None)
         check_batch_size(batch["input_ids"].shape[0] * jax.process_count(), mesh, rules)
-        out = {k: jax.device_put(v, batch_sharding(mesh, v.ndim, rules)) for k, v in batch.items()
+        out = {k: global_batch_array(v, batch_sharding(mesh, v.ndim, rules)) for k, v in batch.items()
                if k not in ("positions", "vision")}
-        out["positions"] = jax.device_put(batch["positions"], batch_sharding(mesh, 3, rules, batch_dim=1))
+        out["positions"] = global_batch_array(batch["positions"], batch_sharding(mesh, 3, rules, batch_dim=1))
+        vision = batch["vision"]
+        if vision is not None and jax.process_count() > 1:
+            order = process_order(out["input_ids"].sharding, out["input_ids"].shape)
+            vision = global_vision(vision, order)
         replicated = NamedSharding(mesh, PartitionSpec())
-        out["vision"] = None if batch["vision"] is None else jax.device_put(batch["vision"], replicated)
+        out["vision"] = None if vision is None else jax.tree.map(lambda v: global_batch_array(v, replicated), vision)
         return out
 
     def step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:

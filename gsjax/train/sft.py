@@ -27,6 +27,7 @@ from gsjax.models.qwen3_vl.checkpoint import export_hf, load_hf
 from gsjax.models.qwen3_vl.config import Qwen3VLConfig
 from gsjax.models.qwen3_vl.model import Qwen3VL
 from gsjax.parallel.mesh import MeshConfig, build_mesh, maybe_initialize_distributed
+from gsjax.parallel.multihost import gather_to_hosts
 from gsjax.processing.tokenizer import load_tokenizer
 
 from .checkpointing import Checkpointer, abstract_train_state
@@ -162,8 +163,10 @@ def run_sft(cfg: SFTConfig, *, progress: bool = True, console: Console | None = 
         ckpt.close()
         loader.close()
     hf_dir = None
-    if end == total and cfg.train.export_hf_at_end and jax.process_index() == 0:
-        hf_dir = export_state_hf(setup, state, out_dir / HF_SUBDIR, tokenizer_source=cfg.model.hf_dir)
+    if end == total and cfg.train.export_hf_at_end:
+        weights = gather_to_hosts({"params": state["params"], "frozen": state["frozen"]})  # every host takes part
+        if jax.process_index() == 0:
+            hf_dir = export_state_hf(setup, weights, out_dir / HF_SUBDIR, tokenizer_source=cfg.model.hf_dir)
     return SFTResult(out_dir, end, restored.step if restored else None, last, loader.stats, hf_dir)
 
 
