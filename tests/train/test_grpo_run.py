@@ -55,6 +55,8 @@ def test_mean_reward_rises_on_the_toy_task(toy_hf, tmp_path):
     assert history[0]["reward/zero_frac"] > 0 and history[0]["update/samples"] > 0
     assert [m["weight_version"] for m in history] == list(range(1, 21))
     assert all(m["rollout/stale_frac"] == 0 for m in history)
+    # the embedded sampler's prompt-token counters, per step (single-turn episodes: every token is prefilled)
+    assert all(m["rollout/prefill_tokens"] > 0 and m["rollout/reused_prompt_tokens"] == 0 for m in history)
 
 
 def _final_params(out_dir: Path, step: int) -> dict[str, np.ndarray]:
