@@ -256,10 +256,13 @@ class JaxSampler:
                     self._prefill(part, part_window, events)
 
     def _place(self, head: list[Decoding], free: list[int]) -> None:
-        """Pick each head request's slot: the free slot whose retained prefix it extends furthest, else an
-        empty one, else the one holding the oldest prefix. Sets `slot` and `reuse`."""
+        """Pick each head request's slot: first, in FIFO order, the free slot whose retained prefix it extends
+        furthest; then, for requests that extend none, an empty slot, else the one holding the oldest prefix
+        (so they never take a prefix that a later request of the same admission reuses). Sets `slot` and
+        `reuse`."""
         free = list(free)
         version = self.decoder.version
+        unmatched = []
         for seq in head:
             best, reuse = None, 0
             if self.config.prefix_reuse:
@@ -268,10 +271,14 @@ class JaxSampler:
                     if n >= self.config.min_reuse_tokens and n > reuse:
                         best, reuse = slot, n
             if best is None:
-                best = min(free, key=lambda i: (self._retained[i] is not None, self._retained_at[i]))
+                unmatched.append(seq)
+                continue
             free.remove(best)
-            seq.slot, seq.reuse = best, reuse
-            seq.inherited_versions = self._retained[best].versions if reuse else ()
+            seq.slot, seq.reuse, seq.inherited_versions = best, reuse, self._retained[best].versions
+        for seq in unmatched:
+            best = min(free, key=lambda i: (self._retained[i] is not None, self._retained_at[i]))
+            free.remove(best)
+            seq.slot, seq.reuse, seq.inherited_versions = best, 0, ()
 
     def _split_by_reuse(self, group: list[Decoding]) -> tuple[list[Decoding], list[Decoding], int | None]:
         """(fresh rows, rows that continue a prefix, the prefill window of the latter). A row whose prefix plus

@@ -90,6 +90,18 @@ def test_unrelated_requests_take_empty_slots_before_retained_ones(sampler_model)
         assert repeat.extra["reused_tokens"] == 29 and repeat.output_ids == out.output_ids
 
 
+def test_a_continuation_keeps_its_prefix_when_an_unrelated_request_arrives_with_it(sampler_model):
+    config = SamplerConfig(**{**REUSE.__dict__, "max_slots": 2})
+    with JaxSampler(sampler_model, config) as engine:
+        first = text_request(30, greedy())
+        out = engine.generate_batch([first])[0]  # its slot now holds the oldest prefix
+        engine.generate_batch([text_request(12, greedy(), start=70)])
+        unrelated, follow = engine.generate_batch([text_request(9, greedy(), start=50),
+                                                   next_turn(first, out, (1, 2, 3))])
+        assert follow.extra["slot"] == out.extra["slot"] and follow.extra["reused_tokens"] == 30 + 8 - 1
+        assert unrelated.extra["slot"] != out.extra["slot"] and unrelated.extra["reused_tokens"] == 0
+
+
 def _finished(config, request: GenerationRequest, output: list[int], version: str = "0") -> RetainedPrefix:
     seq = prepare(config, request, Future(), 128, 128)
     for token in output:
