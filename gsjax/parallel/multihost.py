@@ -81,7 +81,7 @@ def global_vision(local: VisionInputs, order: Sequence[int]) -> VisionInputs:
                 rows = rows + next_segment
             parts[name].append(rows)
         next_segment += int(segments.max()) + 1 if valid.any() else 0
-    total = sum(host["segment_ids"].shape[0] for _ in order)
+    total = host["segment_ids"].shape[0] * len(order)
     out = {}
     for name, pieces in parts.items():
         joined = np.concatenate(pieces)

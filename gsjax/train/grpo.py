@@ -254,7 +254,7 @@ def grpo_step(ctx: StepContext, state: TrainState, prompts: Sequence[Any], step:
     before = prefill_counters(ctx.engine)
     rollouts = run_rollouts(ctx.env, prompts, cfg.rollout.group_size, step, ctx.loop)
     timings["rollout"] = time.perf_counter() - clock
-    prefill = {f"rollout/{k}": v - before[k] for k, v in prefill_counters(ctx.engine).items() if k in before}
+    prefill = {f"rollout/{k}": v - before[k] for k, v in prefill_counters(ctx.engine).items()}
     clock = time.perf_counter()
     ctx.env.score(rollouts, step)
     timings["reward"] = time.perf_counter() - clock
