@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from gsjax.agent.protocol import parse_turn
 from gsjax.demo.context import DemoConfig, Layout
@@ -34,11 +35,12 @@ def first_turns(hf_dir: Path, system: str, prompts: list[str]) -> list[str]:
     return [tokenizer.decode([t for t in o.output_ids if t != stop]) for o in outs]
 
 
+@pytest.mark.timeout(2400)  # CI runs two test workers on two cores: this run then takes up to twice as long
 def test_default_demo_sft_makes_the_first_turn_a_valid_search_call(tmp_path: Path) -> None:
     """`gsjax demo --grpo-steps 0` as it runs for a user (one CPU device), then greedy first turns."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     command = [sys.executable, "-m", "gsjax.demo.cli", "--workdir", str(tmp_path), "--grpo-steps", "0"]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1500)
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=2100)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     layout = Layout(tmp_path)
     state = json.loads(layout.state.read_text())["stages"]
