@@ -8,12 +8,18 @@ meets image tokens in the global (batch, sequence) layout. `global_vision` gathe
 each host's padding, renumbers the per-image segments so that no two hosts' images attend to each other,
 and concatenates them in the order the hosts' rows lie along the global batch axis.
 
+Multi-host GRPO also needs small host-side collectives: each host's share of a step's prompts
+(`host_block`), every host's rollout summaries (`allgather_json`) and counts (`host_totals`), and the rows a
+host contributed to a global array back (`local_rows`).
+
 With one process every function here is the plain single-host path.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from typing import Any, TypeVar
 
 import jax
 import numpy as np
@@ -21,6 +27,8 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 
 from gsjax.models.qwen3_vl.vision import VisionInputs
+
+T = TypeVar("T")
 
 
 class MultiHostError(ValueError):
@@ -96,3 +104,52 @@ def gather_to_hosts(tree):
     if jax.process_count() == 1:
         return jax.device_get(tree)
     return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def host_block(items: Sequence[T]) -> list[T]:
+    """This process's contiguous share of `items` (process p takes the p-th of equal blocks)."""
+    count, index = jax.process_count(), jax.process_index()
+    if len(items) % count:
+        raise MultiHostError(f"{len(items)} items do not split evenly over {count} processes")
+    size = len(items) // count
+    return list(items[index * size:(index + 1) * size])
+
+
+def allgather_json(value: Any) -> list[Any]:
+    """Every process's JSON-serialisable `value`, in process order (a collective)."""
+    if jax.process_count() == 1:
+        return [value]
+    data = np.frombuffer(json.dumps(value).encode(), np.uint8)
+    sizes = multihost_utils.process_allgather(np.asarray([data.size], np.int64))
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[:data.size] = data
+    gathered = multihost_utils.process_allgather(padded)
+    return [json.loads(bytes(gathered[p, :int(sizes[p, 0])]).decode()) for p in range(jax.process_count())]
+
+
+def host_totals(values: Sequence[float]) -> list[float]:
+    """Elementwise sums of every process's `values` (a collective; the values themselves with one process)."""
+    if jax.process_count() == 1:
+        return [float(v) for v in values]
+    gathered = multihost_utils.process_allgather(np.asarray(values, np.float64).reshape(-1))
+    return [float(v) for v in np.asarray(gathered).reshape(jax.process_count(), -1).sum(axis=0)]
+
+
+def local_rows(array: jax.Array, batch_dim: int = 0) -> np.ndarray:
+    """This process's contiguous block of a batch-sharded global array, as numpy (all of it with one process).
+
+    The inverse of `global_batch_array`: each host gets back the rows it contributed."""
+    if jax.process_count() == 1 or array.is_fully_addressable:
+        return np.asarray(jax.device_get(array))
+    shards = array.addressable_shards
+    spans = [s.index[batch_dim].indices(array.shape[batch_dim])[:2] for s in shards]
+    start, stop = min(a for a, _ in spans), max(b for _, b in spans)
+    shape = list(array.shape)
+    shape[batch_dim] = stop - start
+    out = np.zeros(shape, array.dtype)
+    for shard in shards:
+        index = list(shard.index)
+        rows = index[batch_dim].indices(array.shape[batch_dim])
+        index[batch_dim] = slice(rows[0] - start, rows[1] - start)
+        out[tuple(index)] = np.asarray(shard.data)
+    return out

@@ -34,6 +34,7 @@ from gsjax.models.qwen3_vl.config import Qwen3VLConfig
 from gsjax.models.qwen3_vl.flops import train_flops_per_token
 from gsjax.models.qwen3_vl.model import Qwen3VL
 from gsjax.parallel.mesh import MeshConfig, build_mesh, maybe_initialize_distributed
+from gsjax.parallel.multihost import gather_to_hosts, host_block, host_totals
 from gsjax.processing.images import ImageProcessorConfig
 from gsjax.rollout.engine import RolloutEngine
 from gsjax.rollout.jax_sampler import JaxSampler, SamplerConfig
@@ -43,8 +44,9 @@ from .checkpointing import Checkpointer, abstract_train_state
 from .config import check_freeze
 from .grpo_config import GRPOConfig, GRPOConfigError
 from .grpo_data import CORPUS_SOURCE, PromptStream, corpus_prompts, read_rl_records, synthetic_prompts
+from .grpo_hosts import ProcessAgreement, everyone, excluded_everywhere
 from .grpo_learner import RLLearner, with_old_logprobs
-from .grpo_metrics import group_metrics, rollout_metrics
+from .grpo_metrics import group_metrics, summary_metrics
 from .grpo_rewards import RolloutRewarder, make_episode_rewarder
 from .grpo_toy import ToyEnvironment
 from .learner import batch_parts
@@ -73,23 +75,38 @@ class GRPOResult:
 
 # ---------------------------------------------------------------------- building blocks
 def split_devices(cfg: GRPOConfig) -> tuple[list, list | None]:
-    """(learner devices, rollout devices or None to share): the embedded sampler may get the last
-    `rollout.rollout_devices` devices to itself, disjoint from the learner's."""
+    """(learner devices, this host's rollout devices or None to share): the embedded sampler may get the
+    last `rollout.rollout_devices` devices of each host to itself, disjoint from the learner's."""
     devices = list(jax.devices())
     k = cfg.rollout.rollout_devices
     if cfg.rollout.engine != "jax" or k == 0:
         return devices, None
-    if k >= len(devices):
-        raise GRPOConfigError(f"rollout.rollout_devices={k} leaves no device for the learner ({len(devices)} in all)")
-    return devices[:-k], devices[-k:]
+    per_host: dict[int, list] = {}
+    for device in devices:
+        per_host.setdefault(device.process_index, []).append(device)
+    fewest = min(len(host) for host in per_host.values())
+    if k >= fewest:
+        raise GRPOConfigError(f"rollout.rollout_devices={k} leaves no device for the learner ({fewest} per host)")
+    rollout = {device for host in per_host.values() for device in host[-k:]}
+    return [d for d in devices if d not in rollout], per_host[jax.process_index()][-k:]
+
+
+def host_weights(state: TrainState, dtype: Any) -> tuple[Any, Any]:
+    """(params, frozen) for a sampler: the learner's arrays, or with several hosts every array in full on
+    this host (a collective, after casting floats to the sampler's `dtype` to halve the traffic from fp32),
+    since each host's sampler runs on its own devices."""
+    if jax.process_count() == 1:
+        return state["params"], state["frozen"]
+    cast = lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x  # noqa: E731
+    weights = gather_to_hosts(jax.tree.map(cast, {"params": state["params"], "frozen": state["frozen"]}))
+    return weights["params"], weights["frozen"]
 
 
 def sampler_model(setup: ShardedSetup, state: TrainState, dtype: Any) -> Qwen3VL:
     """A copy of the policy for the sampler (the learner donates its buffers), cast to the compute dtype."""
     cast = lambda x: jnp.array(x, dtype=dtype if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype)  # noqa: E731
-    params = jax.tree.map(cast, state["params"])
-    frozen = jax.tree.map(cast, state["frozen"])
-    return nnx.merge(setup.graphdef, params, frozen)
+    params, frozen = host_weights(state, dtype)
+    return nnx.merge(setup.graphdef, jax.tree.map(cast, params), jax.tree.map(cast, frozen))
 
 
 def make_engine(cfg: GRPOConfig, setup: ShardedSetup, state: TrainState, version: str,
@@ -101,6 +118,8 @@ def make_engine(cfg: GRPOConfig, setup: ShardedSetup, state: TrainState, version
         engine = SGLangEngine(r.sglang_url, weights_root=out_dir / "rollout_weights")
         engine.update_weights(model_from_state(setup, state), version)
         return engine
+    if rollout_devices is None and jax.process_count() > 1:  # the sampler shares this host's learner devices
+        rollout_devices = [d for d in setup.mesh.devices.flat if d.process_index == jax.process_index()]
     mesh = setup.mesh if rollout_devices is None else build_mesh(MeshConfig(data=1, fsdp=-1), rollout_devices)
     model_cfg = cfg.model.resolve()
     sampler_cfg = SamplerConfig(max_slots=r.max_slots, max_total_len=r.max_total_len,
@@ -116,7 +135,7 @@ def push_weights(cfg: GRPOConfig, engine: RolloutEngine, setup: ShardedSetup, st
     if cfg.rollout.engine == "sglang":
         engine.update_weights(model_from_state(setup, state), version)
     else:
-        engine.update_weights(state["params"], version)
+        engine.update_weights(host_weights(state, cfg.model.dtype)[0], version)
 
 
 def load_prompts(cfg: GRPOConfig) -> PromptStream:
@@ -182,10 +201,15 @@ def training_samples(rollouts: Sequence[Rollout], advantages: np.ndarray, keep: 
     return samples, excluded
 
 
-def _write_rollouts(path: Path, rollouts: Sequence[Rollout], advantages: np.ndarray, version: str) -> None:
+def rollout_summaries(rollouts: Sequence[Rollout], advantages: np.ndarray, version: str) -> list[dict[str, Any]]:
+    """The step's rollout log lines (JSON-safe: a multi-host run gathers them from every host)."""
+    return [json.loads(json.dumps({**r.summary(), "advantage": None if np.isnan(a) else float(a),
+                                   "step_version": version}, default=str)) for r, a in zip(rollouts, advantages)]
+
+
+def _write_rollouts(path: Path, summaries: Sequence[dict[str, Any]]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    lines = [json.dumps({**r.summary(), "advantage": None if np.isnan(a) else float(a), "step_version": version},
-                        default=str) for r, a in zip(rollouts, advantages)]
+    lines = [json.dumps(line) for line in summaries]
     tmp = path.with_suffix(".tmp")
     tmp.write_text("\n".join(lines) + "\n")
     tmp.replace(path)
@@ -217,8 +241,10 @@ def prefill_counters(engine: RolloutEngine) -> dict[str, float]:
 def update_policy(ctx: StepContext, state: TrainState, samples: Sequence[RLSample]
                   ) -> tuple[TrainState, dict[str, float], ExcludedEpisodes]:
     """All mini-batches of the step (old logprobs recomputed first, under the step's sampling weights)."""
-    parts = batch_parts(ctx.setup.mesh, ctx.setup.rules)
-    batches = build_rl_batches(samples, ctx.model_cfg, ctx.cfg.loss, ctx.cfg.batch, parts=parts)
+    parts, hosts = batch_parts(ctx.setup.mesh, ctx.setup.rules), None
+    if jax.process_count() > 1:  # this host's rows, on shapes every host agrees on
+        parts, hosts = parts // jax.process_count(), ProcessAgreement()
+    batches = build_rl_batches(samples, ctx.model_cfg, ctx.cfg.loss, ctx.cfg.batch, parts=parts, hosts=hosts)
     minibatches = batches.minibatches
     if ctx.cfg.advantage.old_logprobs == "recompute":
         minibatches = [[with_old_logprobs(b, ctx.learner.logprobs(state, b)) for b in mb] for mb in minibatches]
@@ -236,6 +262,7 @@ def update_policy(ctx: StepContext, state: TrainState, samples: Sequence[RLSampl
             vision = b.get("vision")
             pixel_rows += 0.0 if vision is None else float((np.asarray(vision["segment_ids"]) >= 0).sum())
     images = sum(0 if s.example.image_grid_thw is None else len(s.example.image_grid_thw) for s in samples)
+    tokens, pixel_rows, images = host_totals([tokens, pixel_rows, images])
     out = {"update/loss": float(np.mean(losses)), "update/grad_norm": float(np.mean(norms)),
            "update/trained_tokens": tokens, "update/seq_len": seq, "update/images": float(images),
            "update/pixel_rows": pixel_rows, "update/minibatches": float(len(minibatches)),
@@ -252,9 +279,11 @@ def grpo_step(ctx: StepContext, state: TrainState, prompts: Sequence[Any], step:
     timings: dict[str, float] = {}
     clock = time.perf_counter()
     before = prefill_counters(ctx.engine)
+    prompts = host_block(prompts)  # this host's whole groups (all of them with one process)
     rollouts = run_rollouts(ctx.env, prompts, cfg.rollout.group_size, step, ctx.loop)
     timings["rollout"] = time.perf_counter() - clock
-    prefill = {f"rollout/{k}": v - before[k] for k, v in prefill_counters(ctx.engine).items()}
+    counters = {f"rollout/{k}": v - before[k] for k, v in prefill_counters(ctx.engine).items()}
+    prefill = dict(zip(counters, host_totals(list(counters.values()))))
     clock = time.perf_counter()
     ctx.env.score(rollouts, step)
     timings["reward"] = time.perf_counter() - clock
@@ -266,25 +295,28 @@ def grpo_step(ctx: StepContext, state: TrainState, prompts: Sequence[Any], step:
                            group_size=cfg.rollout.group_size, drop_nonpositive=cfg.advantage.drop_nonpositive)
     samples, unusable = training_samples(rollouts, adv.advantages, adv.keep, ctx.model_cfg)
     excluded = adv.excluded.merge(unusable)
-    groups = [r.group_id for r in rollouts]
-    metrics: dict[str, float] = {**rollout_metrics(rollouts, version), **group_metrics(rewards, groups), **prefill}
-    if samples:
+    summaries = everyone(rollout_summaries(rollouts, adv.advantages, version))  # every host's rollouts
+    every_reward = [None if s["reward"] is None else s["reward"]["reward"] for s in summaries]
+    metrics: dict[str, float] = {**summary_metrics(summaries, version),
+                                 **group_metrics(every_reward, [s["group_id"] for s in summaries]), **prefill}
+    trained = ProcessAgreement().totals([len(samples)])[0]
+    if trained:  # every host takes part in the update, with padding rows if it has no sample of its own
         state, update, too_long = update_policy(ctx, state, samples)
         excluded = excluded.merge(too_long)
         metrics.update(update)
         jax.block_until_ready(state["params"])
-    metrics["update/skipped"] = float(not samples)
-    metrics["update/samples"] = float(len(samples))
+    metrics["update/skipped"] = float(not trained)
+    metrics["update/samples"] = float(trained)
     timings["update"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
     push_weights(cfg, ctx.engine, ctx.setup, state, str(step + 1))
     timings["sync"] = time.perf_counter() - clock
 
-    metrics.update(excluded.as_metrics("excluded/"))
+    metrics.update(excluded_everywhere(excluded).as_metrics("excluded/"))
     metrics.update({f"time/{k}_s": v for k, v in timings.items()})
     metrics["time/step_s"] = sum(timings.values())
-    sampled = float(sum(sum(r.record.loss_mask) for r in rollouts if r.record is not None))
+    sampled = float(sum(s["sampled_tokens"] for s in summaries))
     metrics["rollout/sampled_tokens"] = sampled
     metrics["rollout/tokens_per_s"] = sampled / timings["rollout"] if timings["rollout"] > 0 else 0.0
     if samples:
@@ -293,11 +325,25 @@ def grpo_step(ctx: StepContext, state: TrainState, prompts: Sequence[Any], step:
         metrics["tokens_per_s"] = speed.tokens_per_second
         if speed.mfu is not None:
             metrics["mfu"] = speed.mfu
-    _write_rollouts(ctx.out_dir / "rollouts" / f"step{step:06d}.jsonl", rollouts, adv.advantages, version)
+    if jax.process_index() == 0:
+        _write_rollouts(ctx.out_dir / "rollouts" / f"step{step:06d}.jsonl", summaries)
     return state, metrics, rollouts
 
 
 # ---------------------------------------------------------------------- the run
+def check_hosts(cfg: GRPOConfig) -> None:
+    """A multi-host run gives each host its own embedded sampler and whole prompt groups."""
+    hosts = jax.process_count()
+    if hosts == 1:
+        return
+    if cfg.rollout.engine != "jax":
+        raise GRPOConfigError(f"a multi-host run ({hosts} processes) samples with the embedded JAX sampler, one per "
+                              f"host; rollout.engine={cfg.rollout.engine!r} is single-host")
+    if cfg.rollout.prompts_per_step % hosts:
+        raise GRPOConfigError(f"rollout.prompts_per_step={cfg.rollout.prompts_per_step} does not split into whole "
+                              f"prompt groups over {hosts} hosts")
+
+
 def run_grpo(cfg: GRPOConfig, *, progress: bool = True, console: Console | None = None,
              stop_after_steps: int | None = None,
              environment: Callable[[RolloutEngine, Qwen3VLConfig, Path], Environment] | None = None,
@@ -307,9 +353,7 @@ def run_grpo(cfg: GRPOConfig, *, progress: bool = True, console: Console | None 
     `environment(engine, model_config, out_dir)` and `engine_factory(cfg, setup, state, version, devices,
     out_dir)` replace the configured ones (tests: scripted engines, custom rewards)."""
     maybe_initialize_distributed()
-    if jax.process_count() > 1:
-        raise GRPOConfigError("gsjax grpo runs on one host: the step's rollouts and RL batch are built whole on "
-                              f"one process, and this run has {jax.process_count()} (multi-host is not supported yet)")
+    check_hosts(cfg)
     out_dir = Path(cfg.train.out_dir)
     model_cfg = cfg.model.resolve()
     check_freeze(model_cfg, cfg.train.freeze)
@@ -358,6 +402,8 @@ def run_grpo(cfg: GRPOConfig, *, progress: bool = True, console: Console | None 
         loop.run_until_complete(loop.shutdown_default_executor())
         loop.close()
     hf_dir = None
-    if end == total and cfg.train.export_hf_at_end and jax.process_index() == 0:
-        hf_dir = export_state_hf(setup, state, out_dir / HF_SUBDIR, tokenizer_source=cfg.model.hf_dir)
+    if end == total and cfg.train.export_hf_at_end:
+        weights = gather_to_hosts({"params": state["params"], "frozen": state["frozen"]})  # every host takes part
+        if jax.process_index() == 0:
+            hf_dir = export_state_hf(setup, weights, out_dir / HF_SUBDIR, tokenizer_source=cfg.model.hf_dir)
     return GRPOResult(out_dir, end, restored.step if restored else None, history, hf_dir)

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from gsjax.parallel.multihost import global_batch_array, local_rows
 from gsjax.parallel.sharding import batch_sharding, logical_sharding
 
 from .learner import Learner
@@ -46,12 +47,13 @@ class RLLearner(Learner):
         for key in RL_KEYS:
             if key in batch:
                 value = np.asarray(batch[key])
-                out[key] = jax.device_put(value, batch_sharding(mesh, value.ndim, rules))
+                out[key] = global_batch_array(value, batch_sharding(mesh, value.ndim, rules))
         return out
 
     def logprobs(self, state: TrainState, batch: Batch) -> np.ndarray:
-        """(B, L) float32 log p(target) under the current params, 0 off the loss mask (host array)."""
-        return np.asarray(jax.device_get(self._logprobs(state["params"], state["frozen"], self.shard_batch(batch))))
+        """(B, L) float32 log p(target) under the current params, 0 off the loss mask (host array; in a
+        multi-host run, of this host's rows)."""
+        return local_rows(self._logprobs(state["params"], state["frozen"], self.shard_batch(batch)))
 
 
 def with_old_logprobs(batch: Mapping[str, Any], logprobs: np.ndarray) -> dict[str, Any]:

@@ -9,7 +9,8 @@ the share of rollouts sampled under an older weight version than the step's.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -30,22 +31,30 @@ def _mean(values: Sequence[float]) -> float:
 
 def rollout_metrics(rollouts: Sequence[Rollout], version: str) -> dict[str, float]:
     """Reward per component, episode length / turns / tool calls, terminations, failures, staleness."""
-    rewards = [r.reward_value for r in rollouts if r.failure is None and r.reward_value is not None]
-    image = [r.reward.image_reward for r in rollouts if r.reward is not None and r.reward.image_reward is not None]
-    text = [r.reward.text_reward for r in rollouts if r.reward is not None and r.reward.text_reward is not None]
-    records = [r.record for r in rollouts if r.record is not None]
-    out: dict[str, float] = {"rollouts": float(len(rollouts))}
+    return summary_metrics([r.summary() for r in rollouts], version)
+
+
+def summary_metrics(summaries: Sequence[Mapping[str, Any]], version: str) -> dict[str, float]:
+    """`rollout_metrics` from the rollouts' JSON summaries (`Rollout.summary`): what a multi-host run
+    gathers from every host to report the whole step."""
+    scored = [s["reward"] for s in summaries if s["reward"] is not None]
+    rewards = [s["reward"]["reward"] for s in summaries
+               if s["failure"] is None and s["reward"] is not None and s["reward"]["reward"] is not None]
+    image = [r["image_reward"] for r in scored if r["image_reward"] is not None]
+    text = [r["text_reward"] for r in scored if r["text_reward"] is not None]
+    records = [s for s in summaries if s["has_record"]]
+    out: dict[str, float] = {"rollouts": float(len(summaries))}
     out |= _stats("reward/total", rewards) | _stats("reward/image", image) | _stats("reward/text", text)
     out["reward/zero_frac"] = float(np.mean([v == 0 for v in rewards])) if rewards else 0.0
-    out["episode/tokens_mean"] = _mean([len(rec) for rec in records])
-    out["episode/tokens_max"] = float(max((len(rec) for rec in records), default=0))
-    out["episode/sampled_tokens_mean"] = _mean([sum(rec.loss_mask) for rec in records])
-    out["episode/images_mean"] = _mean([len(rec.images) for rec in records])
-    out["episode/turns_mean"] = _mean([r.turns for r in rollouts])
-    out["episode/tool_calls_mean"] = _mean([r.tool_calls for r in rollouts])
-    for name, count in sorted(Counter(r.termination for r in rollouts).items()):
+    out["episode/tokens_mean"] = _mean([s["tokens"] for s in records])
+    out["episode/tokens_max"] = float(max((s["tokens"] for s in records), default=0))
+    out["episode/sampled_tokens_mean"] = _mean([s["sampled_tokens"] for s in records])
+    out["episode/images_mean"] = _mean([s["images"] for s in records])
+    out["episode/turns_mean"] = _mean([s["turns"] for s in summaries])
+    out["episode/tool_calls_mean"] = _mean([s["tool_calls"] for s in summaries])
+    for name, count in sorted(Counter(s["termination"] for s in summaries).items()):
         out[f"termination/{name}"] = float(count)
-    stale = [r for r in rollouts if r.record is not None and any(v != version for v in r.weight_versions)]
+    stale = [s for s in records if any(v != version for v in s["weight_versions"])]
     out["rollout/stale_frac"] = len(stale) / max(len(records), 1)
     return out
 

@@ -181,17 +181,18 @@ def aggregate(values: jax.Array, mask: jax.Array, mode: str, *, norm_length: flo
     return numerator, denominator
 
 
-def row_denominators(row_tokens: np.ndarray, cfg: GRPOLossConfig) -> np.ndarray:
+def row_denominators(row_tokens: np.ndarray, cfg: GRPOLossConfig, total_rows: int | None = None) -> np.ndarray:
     """Host side: each row's float32 share of the mini-batch's denominator, from its loss-token count.
 
     token-mean: the row's tokens; seq-mean modes: 1 if it has a loss token (else 0); a constant D
-    (norm_length, or seq_denominator): D / rows, spread evenly. Shares sum to the global denominator, so
-    any micro-batch split sums back to it. Padding rows added later get 0.
+    (norm_length, or seq_denominator): D / rows, spread evenly over `total_rows` (the mini-batch's rows on
+    all hosts; default: these rows). Shares sum to the global denominator, so any micro-batch split sums
+    back to it. Padding rows added later get 0.
     """
     tokens = np.asarray(row_tokens, np.float64)
     constant = cfg.constant_denominator
     if constant is not None:
-        shares = np.full(tokens.shape, constant / max(tokens.size, 1))
+        shares = np.full(tokens.shape, constant / max(tokens.size if total_rows is None else total_rows, 1))
     elif cfg.loss_agg_mode == "token-mean":
         shares = tokens
     else:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -147,13 +147,15 @@ def rl_sample(record: TokenRecord, advantage: float, model_cfg: Qwen3VLConfig, *
 # ---------------------------------------------------------------------------------------------- planning
 
 
-def split_minibatches(num_samples: int, num_minibatches: int, shuffle: bool = False, seed: int = 0
-                      ) -> list[np.ndarray]:
-    """Sample indices of each mini-batch: near-equal contiguous chunks of the (optionally shuffled) order."""
-    if num_minibatches > max(num_samples, 1):
+def split_minibatches(num_samples: int, num_minibatches: int, shuffle: bool = False, seed: int = 0,
+                      keep_empty: bool = False) -> list[np.ndarray]:
+    """Sample indices of each mini-batch: near-equal contiguous chunks of the (optionally shuffled) order.
+    `keep_empty`: exactly `num_minibatches` chunks, empty ones included (a host with fewer samples than the
+    step's mini-batches still takes part in each update)."""
+    if not keep_empty and num_minibatches > max(num_samples, 1):
         raise ValueError(f"{num_minibatches} mini-batches for {num_samples} samples")
     order = np.random.default_rng(seed).permutation(num_samples) if shuffle else np.arange(num_samples)
-    return [chunk for chunk in np.array_split(order, num_minibatches) if chunk.size]
+    return [chunk for chunk in np.array_split(order, num_minibatches) if chunk.size or keep_empty]
 
 
 def _size_bucket(n: int) -> int:
@@ -199,15 +201,18 @@ def _shift_left(values: Sequence[np.ndarray | None], length: int, target_mask: n
 
 def collate_rl(samples: Sequence[RLSample | None], length: int, model_cfg: Qwen3VLConfig,
                denominators: Sequence[float] | None = None, cfg: RLBatchConfig | None = None,
-               sample_index: Sequence[int] | None = None) -> dict[str, Any]:
+               sample_index: Sequence[int] | None = None, vision_rows: int | None = None) -> dict[str, Any]:
     """Stack samples (None = padding row) into one (B, `length`) RL batch with all their images.
-    `denominators`: each row's share of its mini-batch's loss denominator (see `build_rl_batches`)."""
+    `denominators`: each row's share of its mini-batch's loss denominator (see `build_rl_batches`);
+    `vision_rows`: pad the image rows to this many (0: no vision input), else to the configured bucket."""
     cfg = cfg or RLBatchConfig()
     for s in samples:
         if s is not None:
             check_image_tokens(s.example.input_ids, s.example.pixel_values, s.example.image_grid_thw, model_cfg)
-    vision_rows = sum(s.example.vision_rows for s in samples if s is not None)
-    rows = vision_row_bucket(vision_rows, cfg.vision_row_buckets, cfg.min_vision_rows) if vision_rows else None
+    needed = _vision_rows(samples, cfg)
+    if vision_rows is not None and vision_rows < needed:
+        raise ValueError(f"{vision_rows} vision rows for images that need {needed}")
+    rows = (vision_rows if vision_rows is not None else needed) or None
     batch = collate([None if s is None else s.example for s in samples], length, rows, model_cfg, cfg.pad_id)
     mask = batch["target_mask"]
     logprobs = [None if s is None else s.rollout_logprobs for s in samples]
@@ -224,24 +229,81 @@ def collate_rl(samples: Sequence[RLSample | None], length: int, model_cfg: Qwen3
     return batch
 
 
+@dataclass(frozen=True)
+class MicroShape:
+    """The shape of one micro-batch as compiled: rows, padded length, vision rows (0: no images)."""
+
+    rows: int
+    length: int
+    vision_rows: int
+
+
+class HostAgreement(Protocol):
+    """How the hosts of a multi-process run agree on a step's batches (`gsjax.train.grpo.ProcessAgreement`):
+    each host builds its own rows, but every update must see the same global shapes on every host."""
+
+    def totals(self, local: Sequence[int]) -> list[int]:
+        """Elementwise sums over hosts."""
+
+    def shapes(self, local: Sequence[Sequence[MicroShape]]) -> list[list[MicroShape]]:
+        """Per mini-batch, the micro-batch shapes every host uses: the most micro-batches any host has, each
+        at least as large (rows, length, vision rows) as any host's."""
+
+
+def _vision_rows(samples: Sequence[RLSample | None], cfg: RLBatchConfig) -> int:
+    rows = sum(s.example.vision_rows for s in samples if s is not None)
+    return vision_row_bucket(rows, cfg.vision_row_buckets, cfg.min_vision_rows) if rows else 0
+
+
 def build_rl_batches(samples: Sequence[RLSample], model_cfg: Qwen3VLConfig, loss_cfg: GRPOLossConfig,
-                     cfg: RLBatchConfig | None = None, parts: int = 1) -> RLBatches:
+                     cfg: RLBatchConfig | None = None, parts: int = 1, hosts: HostAgreement | None = None
+                     ) -> RLBatches:
     """All micro-batches of one step: rows over the largest bucket are excluded (counted), the rest split
-    into `cfg.num_minibatches` mini-batches, each with its own denominator shares, then micro-batched."""
+    into `cfg.num_minibatches` mini-batches, each with its own denominator shares, then micro-batched.
+
+    With `hosts` (multi-host GRPO) `samples` are this host's and `parts` its share of the batch shards: the
+    mini-batch count follows the samples of all hosts, and each micro-batch is padded (rows, vision rows;
+    all-padding micro-batches where a host has fewer) to the shapes the hosts agree on, this host's
+    micro-batches of each length taking that length's agreed slots in order."""
     cfg = cfg or RLBatchConfig()
     excluded = ExcludedEpisodes()
     fits = [i for i, s in enumerate(samples) if len(s) <= cfg.buckets[-1]]
     if len(fits) < len(samples):
         excluded.add(OVER_LENGTH, len(samples) - len(fits))
-    minibatches = []
-    for chunk in split_minibatches(len(fits), min(cfg.num_minibatches, max(len(fits), 1)), cfg.shuffle, cfg.seed):
+    everywhere = len(fits) if hosts is None else hosts.totals([len(fits)])[0]
+    chunks = split_minibatches(len(fits), min(cfg.num_minibatches, max(everywhere, 1)), cfg.shuffle, cfg.seed,
+                               keep_empty=hosts is not None)
+    rows_everywhere = [len(c) for c in chunks] if hosts is None else hosts.totals([len(c) for c in chunks])
+    plans: list[list[list[int]]] = []  # per mini-batch, per micro-batch: sample index per row (-1: padding)
+    lengths: list[list[int]] = []
+    shares: dict[int, float] = {}
+    for chunk, total_rows in zip(chunks, rows_everywhere):
         members = [fits[i] for i in chunk]
-        shares = dict(zip(members, row_denominators(np.asarray([samples[i].loss_tokens for i in members]), loss_cfg)))
-        lengths = np.asarray([len(samples[i]) for i in members])
+        tokens = np.asarray([samples[i].loss_tokens for i in members])
+        shares.update(zip(members, row_denominators(tokens, loss_cfg, total_rows).tolist()))
+        micro = plan_micro_batches(np.asarray([len(samples[i]) for i in members]), cfg.buckets,
+                                   cfg.max_tokens_per_device, parts) if members else []
+        plans.append([[members[j] if j >= 0 else -1 for j in plan.rows] for plan in micro])
+        lengths.append([plan.length for plan in micro])
+    local = [[MicroShape(len(index), length, _vision_rows([samples[i] for i in index if i >= 0], cfg))
+              for index, length in zip(plan, plan_lengths)] for plan, plan_lengths in zip(plans, lengths)]
+    agreed = local if hosts is None else hosts.shapes(local)
+    minibatches = []
+    for plan, plan_lengths, shapes in zip(plans, lengths, agreed):
+        queued: dict[int, list[list[int]]] = {}  # this host's micro-batches of each length, in plan order
+        for index, length in zip(plan, plan_lengths):
+            queued.setdefault(length, []).append(index)
         micro = []
-        for plan in plan_micro_batches(lengths, cfg.buckets, cfg.max_tokens_per_device, parts):
-            index = [members[j] if j >= 0 else -1 for j in plan.rows]
+        for shape in shapes:
+            waiting = queued.get(shape.length)
+            index = waiting.pop(0) if waiting else []
+            if len(index) > shape.rows:
+                raise ValueError(f"a micro-batch of {len(index)} rows does not fit the agreed {shape}")
+            index = index + [-1] * (shape.rows - len(index))
             rows = [samples[i] if i >= 0 else None for i in index]
-            micro.append(collate_rl(rows, plan.length, model_cfg, [shares.get(i, 0.0) for i in index], cfg, index))
+            micro.append(collate_rl(rows, shape.length, model_cfg, [shares.get(i, 0.0) for i in index], cfg, index,
+                                    vision_rows=shape.vision_rows))
+        if any(queued.values()):
+            raise ValueError("the agreed shapes leave some of this host's micro-batches out")
         minibatches.append(micro)
     return RLBatches(minibatches, excluded)

@@ -76,7 +76,8 @@ class Rollout:
     def summary(self) -> dict[str, Any]:
         """A JSON line for the step's rollout log (no token ids, no pixels)."""
         record = self.record
-        return {"episode_id": self.episode_id, "termination": self.termination, "failure": self.failure,
+        return {"episode_id": self.episode_id, "group_id": self.group_id, "termination": self.termination,
+                "failure": self.failure, "has_record": record is not None,
                 "reward": None if self.reward is None else self.reward.as_record(),
                 "tool_calls": self.tool_calls, "turns": self.turns, "tokens": len(record) if record else 0,
                 "sampled_tokens": int(sum(record.loss_mask)) if record else 0,

@@ -76,6 +76,7 @@ def test_sigint_to_the_demo_process_stops_the_server_and_exits_130(workdir: Path
     assert not alive(server_pid) and not pid_file.exists()
 
 
+@pytest.mark.slow
 def test_demo_runs_end_to_end_then_a_second_run_skips_finished_stages(workdir: Path) -> None:
     tmp_path = workdir
     first = _demo(tmp_path)

@@ -188,6 +188,71 @@ def test_micro_batches_cover_each_row_once_and_accumulate_to_the_minibatch_loss(
     assert len(shapes) <= 6
 
 
+class _FixedAgreement:
+    """Two simulated hosts: the first pass records each host's plan, the second answers with the agreement."""
+
+    def __init__(self, totals: dict[int, list[int]] | None = None, shapes=None):
+        self.seen_totals: list[list[int]] = []
+        self.seen_shapes = None
+        self.fixed_totals, self.fixed_shapes = totals, shapes
+
+    def totals(self, local):
+        self.seen_totals.append(list(local))
+        return local if self.fixed_totals is None else self.fixed_totals[len(self.seen_totals) - 1]
+
+    def shapes(self, local):
+        self.seen_shapes = local
+        return local if self.fixed_shapes is None else self.fixed_shapes
+
+
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-sum-norm"])
+def test_two_hosts_pad_to_agreed_shapes_and_keep_the_global_minibatch_loss(cfg, mode):
+    """Multi-host GRPO: each host batches its own samples (here 15 and 3), padded to shapes both agree on;
+    the two hosts' micro-batches of a mini-batch give the loss of that mini-batch built on one host."""
+    from gsjax.train.grpo_hosts import agreed_shapes
+
+    samples = _many(cfg, 18, seed=5)
+    hosts = [samples[:15], samples[15:]]
+    loss_cfg = GRPOLossConfig(loss_agg_mode=mode, norm_length=128)
+    rl_cfg = RLBatchConfig(buckets=(32, 64, 128), max_tokens_per_device=256, num_minibatches=2, pad_id=PAD)
+    planning = [_FixedAgreement() for _ in hosts]
+    for host, agreement in zip(hosts, planning):
+        build_rl_batches(host, cfg, loss_cfg, rl_cfg, parts=1, hosts=agreement)
+    rounds = len(planning[0].seen_totals)
+    totals = {k: list(np.sum([a.seen_totals[k] for a in planning], axis=0)) for k in range(rounds)}
+    shapes = agreed_shapes([a.seen_shapes for a in planning])
+    built = [build_rl_batches(host, cfg, loss_cfg, rl_cfg, parts=1, hosts=_FixedAgreement(totals, shapes))
+             for host in hosts]
+    assert len(built[0].minibatches) == len(built[1].minibatches) == 2
+    assert len(planning[1].seen_shapes[0]) < len(shapes[0])  # the small host pads with whole micro-batches
+    covered = []
+    for m in range(2):
+        parts = [b.minibatches[m] for b in built]
+        assert [x["input_ids"].shape for x in parts[0]] == [x["input_ids"].shape for x in parts[1]]
+        assert [None if x["vision"] is None else x["vision"]["segment_ids"].shape for x in parts[0]] == [
+            None if x["vision"] is None else x["vision"]["segment_ids"].shape for x in parts[1]]
+        for micro in parts[0] + parts[1]:
+            assert micro["input_ids"].shape[0] * micro["input_ids"].shape[1] <= 256  # the per-device budget
+        nums = dens = 0.0
+        members = []
+        for host, part in zip(hosts, parts):
+            for micro in part:
+                rows = [host[i] if i >= 0 else None for i in micro["sample_index"]]
+                members += [x for x in rows if x is not None]
+                # number rows by their sample in the whole set, so the stand-in policy moves them alike
+                micro["sample_index"] = np.asarray([-1 if x is None else samples.index(x) for x in rows], np.int32)
+                n, d, _ = grpo_policy_loss(_current_logprobs(micro), micro["old_logprobs"], micro["advantages"],
+                                           micro["target_mask"], loss_cfg, row_denominator=micro["row_denominator"])
+                nums, dens = nums + float(n), dens + float(d)
+        covered += members
+        whole = collate_rl(members, 128, cfg, cfg=rl_cfg, sample_index=[samples.index(x) for x in members])
+        n, d, _ = grpo_policy_loss(_current_logprobs(whole), whole["old_logprobs"], whole["advantages"],
+                                   whole["target_mask"], loss_cfg)
+        assert dens == pytest.approx(float(d), rel=1e-6)
+        assert nums / dens == pytest.approx(float(n) / float(d), rel=1e-5)
+    assert sorted(samples.index(x) for x in covered) == list(range(18))
+
+
 def test_split_minibatches():
     chunks = split_minibatches(10, 3, shuffle=True, seed=1)
     assert [len(c) for c in chunks] == [4, 3, 3] and sorted(np.concatenate(chunks).tolist()) == list(range(10))

@@ -56,6 +56,7 @@ def records(tmp_path_factory) -> Path:
     return write_synthetic_sft(tmp_path_factory.mktemp("multihost_data"), 12, seed=2, spec=spec)
 
 
+@pytest.mark.slow
 def test_two_hosts_train_like_one_host_with_the_same_devices(records, tmp_path):
     single, multi = tmp_path / "single", tmp_path / "multi"
     procs = [launch(sft_command(records, single, batch_per_host=4), devices=4)]

@@ -53,6 +53,7 @@ def _exported(directory: Path) -> dict[str, np.ndarray]:
     return load_file(directory / "model.safetensors")
 
 
+@pytest.mark.slow
 def test_kill_minus_nine_then_resume_matches_an_uninterrupted_run(records, tmp_path):
     common = {"train.steps": 6, "train.checkpoint_every": 2, "train.keep_checkpoints": 2,
               "train.export_hf_at_end": "true"}
