@@ -100,34 +100,19 @@ def _chunked_causal(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMas
     """Causal attention in query blocks that only read the keys at or before the block's end.
 
     Skips the fully masked upper triangle (about half the work at long lengths) with static slices,
-    so forward and backward stay plain XLA ops; the exact softmax is kept per block. With key padding, a
-    block none of whose positions is valid in any row is not computed at all (a `cond`, in the backward
-    pass too) and returns zeros: its outputs are padding, which no valid query reads (its keys are masked)
-    and no loss trains. Padded batches (length buckets, RL batches) spend their padding's quadratic share
-    of the work on nothing.
+    so forward and backward stay plain XLA ops; the exact softmax is kept per block.
     """
     length = q.shape[1]
     outs = []
     for start in range(0, length, chunk):
         stop = min(start + chunk, length)
         visible = jnp.arange(stop)[None, :] <= jnp.arange(start, stop)[:, None]  # (Tq, S')
-        block = (q[:, start:stop], k[:, :stop], v[:, :stop])
-        if mask.kv_valid is None:
-            outs.append(_block_attention(*block, visible[None, None]))
-            continue
-        block_mask = visible[None, None] & mask.kv_valid[:, None, None, :stop]
-        outs.append(jax.lax.cond(jnp.any(mask.kv_valid[:, start:stop]), _block_attention, _padding_block,
-                                 *block, block_mask))
+        block_mask = visible[None, None]
+        if mask.kv_valid is not None:
+            block_mask = block_mask & mask.kv_valid[:, None, None, :stop]
+        outs.append(jax.nn.dot_product_attention(
+            q[:, start:stop], k[:, :stop], v[:, :stop], mask=block_mask, implementation="xla"))
     return jnp.concatenate(outs, axis=1)
-
-
-def _block_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
-
-
-def _padding_block(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    del k, v, mask
-    return jnp.zeros_like(q)
 
 
 def _single_query(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask) -> jax.Array:
