@@ -18,7 +18,7 @@ demo: $(STAMP)
 	$(BIN)/gsjax demo
 
 test: $(STAMP)
-	XLA_FLAGS="$${XLA_FLAGS:---xla_force_host_platform_device_count=8}" $(BIN)/pytest -q -x -n 2 --dist loadfile --durations=15 tests
+	XLA_FLAGS="$${XLA_FLAGS:---xla_force_host_platform_device_count=8}" $(BIN)/pytest -q -x -n 2 --dist loadfile --no-loadscope-reorder --durations=15 tests
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -9,8 +9,8 @@ pytest_plugins = ["tests.processor_fixtures"]
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Tests marked `slow` run first, so that with two CI workers (`make test`) the longest files start
-    while the other worker takes the many short ones, not at the end. Tests marked `gpu` need an
+    """Tests marked `slow` run first, so that with two CI workers (`make test`, which keeps this order with
+    --no-loadscope-reorder) the longest files start while the other worker takes the many short ones. Tests marked `gpu` need an
     accelerator; on a CPU-only machine they are skipped, never failed."""
     items.sort(key=lambda item: "slow" not in item.keywords)  # stable: file order is kept otherwise
     if jax.default_backend() != "cpu":

@@ -319,7 +319,7 @@ def grpo_step(ctx: StepContext, state: TrainState, prompts: Sequence[Any], step:
     sampled = float(sum(s["sampled_tokens"] for s in summaries))
     metrics["rollout/sampled_tokens"] = sampled
     metrics["rollout/tokens_per_s"] = sampled / timings["rollout"] if timings["rollout"] > 0 else 0.0
-    if samples:
+    if trained:
         flops = train_flops_per_token(ctx.model_cfg, int(metrics["update/seq_len"]))
         speed = throughput(metrics["update/trained_tokens"], timings["update"], flops, ctx.peak_flops)
         metrics["tokens_per_s"] = speed.tokens_per_second
