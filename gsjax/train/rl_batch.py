@@ -239,15 +239,15 @@ class MicroShape:
 
 
 class HostAgreement(Protocol):
-    """How the hosts of a multi-process run agree on a step's batches (`gsjax.train.grpo.ProcessAgreement`):
+    """How the hosts of a multi-process run agree on a step's batches (`gsjax.train.grpo_hosts.ProcessAgreement`):
     each host builds its own rows, but every update must see the same global shapes on every host."""
 
     def totals(self, local: Sequence[int]) -> list[int]:
         """Elementwise sums over hosts."""
 
     def shapes(self, local: Sequence[Sequence[MicroShape]]) -> list[list[MicroShape]]:
-        """Per mini-batch, the micro-batch shapes every host uses: the most micro-batches any host has, each
-        at least as large (rows, length, vision rows) as any host's."""
+        """Per mini-batch, the micro-batch shapes every host uses: per length, the most micro-batches any
+        host has of it, each with at least the rows and vision rows of any host's micro-batch in that slot."""
 
 
 def _vision_rows(samples: Sequence[RLSample | None], cfg: RLBatchConfig) -> int:
