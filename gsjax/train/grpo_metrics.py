@@ -14,8 +14,6 @@ from typing import Any
 
 import numpy as np
 
-from .rollout_phase import Rollout
-
 
 def _stats(prefix: str, values: Sequence[float]) -> dict[str, float]:
     if not values:
@@ -29,14 +27,9 @@ def _mean(values: Sequence[float]) -> float:
     return float(np.mean(values)) if values else 0.0
 
 
-def rollout_metrics(rollouts: Sequence[Rollout], version: str) -> dict[str, float]:
-    """Reward per component, episode length / turns / tool calls, terminations, failures, staleness."""
-    return summary_metrics([r.summary() for r in rollouts], version)
-
-
 def summary_metrics(summaries: Sequence[Mapping[str, Any]], version: str) -> dict[str, float]:
-    """`rollout_metrics` from the rollouts' JSON summaries (`Rollout.summary`): what a multi-host run
-    gathers from every host to report the whole step."""
+    """Reward per component, episode length / turns / tool calls, terminations, failures, staleness, from
+    the rollouts' JSON summaries (`Rollout.summary`): what a multi-host run gathers from every host."""
     scored = [s["reward"] for s in summaries if s["reward"] is not None]
     rewards = [s["reward"]["reward"] for s in summaries
                if s["failure"] is None and s["reward"] is not None and s["reward"]["reward"] is not None]

@@ -12,7 +12,7 @@ from gsjax.agent.engine_policy import TokenRecord, TurnRecord
 from gsjax.rewards.dual import EpisodeReward
 from gsjax.train.grpo_config import GRPOConfig, GRPOConfigError, load_grpo_config
 from gsjax.train.grpo_data import Prompt, PromptStream, corpus_prompts, read_rl_records
-from gsjax.train.grpo_metrics import group_metrics, rollout_metrics
+from gsjax.train.grpo_metrics import group_metrics, summary_metrics
 from gsjax.train.rollout_phase import NO_RECORD, Rollout, derive_seed
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -103,7 +103,7 @@ def test_rollout_failures_are_reasons_and_zero_rewards_are_not():
     empty = Rollout(prompt, 4, None, "answer", reward=EpisodeReward(0.0, "zero", "no_prediction"))
     assert [r.failure for r in (scored, zero, failed, tool_error, empty)] == [
         None, None, "generation_failed", "termination_error", NO_RECORD]
-    metrics = rollout_metrics([scored, zero, failed, tool_error], version="4")
+    metrics = summary_metrics([r.summary() for r in (scored, zero, failed, tool_error)], version="4")
     assert metrics["reward/total_mean"] == pytest.approx(0.3) and metrics["reward/total_count"] == 2
     assert metrics["reward/image_mean"] == pytest.approx(0.4) and metrics["reward/text_mean"] == pytest.approx(0.8)
     assert metrics["termination/answer"] == 2 and metrics["termination/error"] == 1
