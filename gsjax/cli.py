@@ -39,6 +39,9 @@ app.command("serve-image", help="Serve a diffusers image(-edit) pipeline over HT
 @app.callback()
 def main() -> None:
     """gsjax: SFT and agentic GRPO for a Qwen3-VL search agent, in JAX/Flax."""
+    from gsjax.malloc import keep_freed_memory
+
+    keep_freed_memory()  # before JAX starts its threads
 
 
 @app.command()

@@ -60,6 +60,9 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = parser.parse_args()
 
+    from gsjax.malloc import keep_freed_memory
+
+    malloc = keep_freed_memory()  # as `gsjax grpo` runs, before JAX starts its threads
     import jax
 
     from gsjax.train.grpo import run_grpo
@@ -76,6 +79,7 @@ def main() -> None:
               "engine": cfg.rollout.engine, "group_size": cfg.rollout.group_size,
               "prompts_per_step": cfg.rollout.prompts_per_step, "devices": jax.device_count(),
               "device": str(jax.devices()[0].device_kind), "cpu_count": os.cpu_count(),
+              "malloc": malloc or "system",
               **summarise(result.history, args.warmup)}
     print(json.dumps(record))
 

@@ -64,6 +64,9 @@ def demo(
 
 def main() -> None:
     """`python -m gsjax.demo.cli ...` (tests, and runs without the top-level CLI)."""
+    from gsjax.malloc import keep_freed_memory
+
+    keep_freed_memory()
     app = typer.Typer(add_completion=False, pretty_exceptions_show_locals=False)
     app.command()(demo)
     app()

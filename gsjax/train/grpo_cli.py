@@ -32,6 +32,9 @@ def grpo(
 
 
 def main(argv: list[str] | None = None) -> None:
+    from gsjax.malloc import keep_freed_memory
+
+    keep_freed_memory()
     app = typer.Typer(add_completion=False)
     app.command()(grpo)
     app(args=sys.argv[1:] if argv is None else argv, standalone_mode=True)
