@@ -33,7 +33,9 @@ def demo(
     max_llm_calls: Annotated[int, typer.Option(min=1, help="Policy calls per GRPO episode.")] = DEFAULTS.max_llm_calls,
     max_new_tokens: Annotated[int, typer.Option(
         min=1, help="New tokens per policy turn in GRPO.")] = DEFAULTS.max_new_tokens_per_turn,
-    fresh: Annotated[bool, typer.Option(help="Delete the work folder first instead of resuming.")] = False,
+    fresh: Annotated[bool, typer.Option(
+        help="Start over: delete what the work folder holds (compiled programs excepted) instead of resuming.",
+    )] = False,
 ) -> None:
     """Offline, on CPU: synthetic agent trajectories -> SFT of a tiny Qwen3-VL -> image server (tiny diffusers
     pipeline) -> agentic GRPO with HEURISTIC rewards -> report. Ctrl-C stops cleanly; rerun to resume."""

@@ -38,7 +38,7 @@ class DemoConfig:
     max_context_tokens: int = 3072
     generator_steps: int = 2  # denoising steps of the tiny pipeline (random weights: more buys nothing)
     seed: int = 0
-    fresh: bool = False  # delete the work folder first
+    fresh: bool = False  # delete what the work folder holds first, the compilation cache excepted
 
     def __post_init__(self) -> None:
         for name in ("sft_steps", "prompts_per_step", "group_size", "max_llm_calls", "max_new_tokens_per_turn",
@@ -70,6 +70,11 @@ class Layout:
     @property
     def grpo(self) -> Path:
         return self.root / "grpo"
+
+    @property
+    def compile_cache(self) -> Path:
+        """JAX's persistent compilation cache: a resumed or `--fresh` run loads the programs compiled before."""
+        return self.root / "xla_cache"
 
     @property
     def pipeline(self) -> Path:

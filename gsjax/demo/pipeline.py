@@ -77,7 +77,8 @@ def sft_config(cfg: DemoConfig, layout: Layout, records: int) -> SFTConfig:
                   "min_lr_ratio": 0.1, "grad_clip": 1.0},
         "train": {"steps": cfg.sft_steps, "seed": cfg.seed, "log_every": 1, "checkpoint_every": 50,
                   "keep_checkpoints": 1, "out_dir": str(layout.sft), "export_hf_at_end": True,
-                  "tensorboard": False, "logits_chunk": 0},  # the head runs at the trained positions only
+                  "tensorboard": False, "logits_chunk": 0,  # the head runs at the trained positions only
+                  "compile_cache_dir": str(layout.compile_cache)},
         "data": {"path": str(layout.data / "sft.jsonl"), "image_root": str(layout.data), "batch_size": batch,
                  "buckets": [cfg.sft_seq_len], "cutoff_len": cfg.sft_seq_len, "max_pixels": 65536,
                  "min_pixels": 65536, "num_epochs": epochs, "seed": cfg.seed, "vision_row_buckets": [512]},
@@ -97,7 +98,7 @@ def grpo_config(cfg: DemoConfig, layout: Layout, generator_url: str) -> GRPOConf
         "optim": {"lr": cfg.grpo_lr, "weight_decay": 0.0, "schedule": "constant", "grad_clip": 1.0},
         "train": {"steps": max(cfg.grpo_steps, 1), "seed": cfg.seed, "log_every": 1, "checkpoint_every": 1,
                   "keep_checkpoints": 1, "out_dir": str(layout.grpo), "export_hf_at_end": False,
-                  "tensorboard": False, "logits_chunk": 0},
+                  "tensorboard": False, "logits_chunk": 0, "compile_cache_dir": str(layout.compile_cache)},
         "data": {"path": str(layout.data / "rl_tasks.json"), "shuffle": True, "seed": cfg.seed},
         "rollout": {"engine": "jax", "group_size": cfg.group_size, "prompts_per_step": cfg.prompts_per_step,
                     "temperature": cfg.temperature, "top_p": cfg.top_p, "seed": cfg.seed, "max_slots": slots,
@@ -253,6 +254,17 @@ def _exclusive(root: Path) -> Iterator[None]:
         yield
 
 
+def _start_over(layout: Layout) -> None:
+    """Delete everything the demo wrote except its compiled programs, which depend on nothing a run wrote."""
+    for entry in layout.root.glob("*") if layout.root.is_dir() else ():
+        if entry == layout.compile_cache:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+
+
 def _needs_server(ctx: DemoContext) -> bool:
     cfg, done = ctx.config, ctx.state.done("grpo")
     grpo_pending = cfg.grpo_steps > 0 and not (done and done.get("steps", 0) >= cfg.grpo_steps) \
@@ -269,7 +281,7 @@ def run_demo(cfg: DemoConfig, *, hook: Hook | None = None, console: Console | No
     console = console or Console()
     layout = Layout(Path(cfg.workdir))
     if cfg.fresh:
-        shutil.rmtree(layout.root, ignore_errors=True)
+        _start_over(layout)
     layout.root.mkdir(parents=True, exist_ok=True)
     ctx = DemoContext(cfg, layout, DemoState(layout.state), console)
     start = time.perf_counter()

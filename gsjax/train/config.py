@@ -112,6 +112,8 @@ class TrainSection:
     # LM head + cross-entropy over this many positions at a time (0: all at once); bounds the (B, L, V)
     # fp32 logits that dominate activation memory with a 150k vocabulary at long sequences
     logits_chunk: int = 0
+    # JAX's persistent compilation cache (None: off): a resumed or repeated run loads its compiled programs
+    compile_cache_dir: str | None = None
 
     def __post_init__(self) -> None:
         # Store the explicit prefix list, so saved configs say exactly what was frozen.

@@ -30,6 +30,7 @@ from rich.console import Console
 
 from gsjax.agent.config import AgentConfig, ToolsConfig
 from gsjax.agent.engine_policy import EnginePolicyConfig
+from gsjax.compile_cache import use_compile_cache
 from gsjax.models.qwen3_vl.config import Qwen3VLConfig
 from gsjax.models.qwen3_vl.flops import train_flops_per_token
 from gsjax.models.qwen3_vl.model import Qwen3VL
@@ -353,6 +354,7 @@ def run_grpo(cfg: GRPOConfig, *, progress: bool = True, console: Console | None 
     `environment(engine, model_config, out_dir)` and `engine_factory(cfg, setup, state, version, devices,
     out_dir)` replace the configured ones (tests: scripted engines, custom rewards)."""
     maybe_initialize_distributed()
+    use_compile_cache(cfg.train.compile_cache_dir)
     check_hosts(cfg)
     out_dir = Path(cfg.train.out_dir)
     model_cfg = cfg.model.resolve()

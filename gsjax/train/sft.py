@@ -22,6 +22,7 @@ import numpy as np
 from flax import nnx
 from rich.console import Console
 
+from gsjax.compile_cache import use_compile_cache
 from gsjax.data import SFTDataConfig, make_sft_loader
 from gsjax.models.qwen3_vl.checkpoint import export_hf, load_hf
 from gsjax.models.qwen3_vl.config import Qwen3VLConfig
@@ -106,6 +107,7 @@ def run_sft(cfg: SFTConfig, *, progress: bool = True, console: Console | None = 
             stop_after_steps: int | None = None) -> SFTResult:
     """Train until `train.steps`/`train.epochs` are done (or `stop_after_steps` more updates, for tests)."""
     maybe_initialize_distributed()
+    use_compile_cache(cfg.train.compile_cache_dir)
     out_dir = Path(cfg.train.out_dir)
     model_config = cfg.model.resolve()
     check_freeze(model_config, cfg.train.freeze)

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from gsjax.demo.context import DemoConfig, DemoContext
-from gsjax.demo.pipeline import run_demo
+from gsjax.demo.context import DemoConfig, DemoContext, Layout
+from gsjax.demo.pipeline import _start_over, run_demo
 
 
 def alive(pid: int) -> bool:
@@ -85,6 +85,7 @@ def test_demo_runs_end_to_end_then_a_second_run_skips_finished_stages(workdir: P
     assert state["sft"]["steps"] == 2 and state["grpo"]["steps"] == 1
     assert (tmp_path / "sft" / "hf" / "config.json").is_file()
     assert any((tmp_path / "grpo" / "checkpoints").iterdir())
+    assert any(Layout(tmp_path).compile_cache.glob("jit_*"))  # the compiled programs, for a resumed run
     assert not (tmp_path / "logs" / "image_server.pid").exists()
     report = (tmp_path / "report" / "report.md").read_text()
     assert "HEURISTIC" in report and "curves.png" in report and "Example trajectories" in report
@@ -111,3 +112,21 @@ def test_a_second_concurrent_run_in_the_same_folder_is_refused(workdir: Path) ->
 
     with pytest.raises(KeyboardInterrupt):
         run_demo(DemoConfig(workdir=workdir, sft_steps=1, grpo_steps=0), hook=hook)
+
+
+def test_starting_over_keeps_only_the_compiled_programs(tmp_path: Path) -> None:
+    layout = Layout(tmp_path / "demo")
+    for folder in (layout.sft / "checkpoints", layout.compile_cache, layout.data):
+        folder.mkdir(parents=True)
+    (layout.compile_cache / "jit_step-abc-cache").write_bytes(b"x")
+    layout.state.write_text("{}")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep.txt").write_text("not the demo's")
+    (layout.data / "link").symlink_to(outside)
+    (layout.root / "linked").symlink_to(outside)
+    _start_over(layout)
+    assert sorted(p.name for p in layout.root.iterdir()) == ["xla_cache"]
+    assert (layout.compile_cache / "jit_step-abc-cache").read_bytes() == b"x"
+    assert (outside / "keep.txt").read_text() == "not the demo's"  # links are removed, never followed
+    _start_over(Layout(tmp_path / "never_created"))  # a first run with --fresh
