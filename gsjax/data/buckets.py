@@ -45,15 +45,18 @@ def auto_vision_bucket(rows: int, minimum: int = 64) -> int:
     return ladder_bucket(rows, max(int(minimum), 4))
 
 
-def vision_row_bucket(rows: int, buckets: tuple[int, ...] | None, minimum: int = 64) -> int:
-    """Rows to pad a host batch's vision input to: the smallest configured bucket that fits, else a multiple of
-    the largest; without configured buckets, `auto_vision_bucket`."""
-    if buckets is None:
-        return auto_vision_bucket(rows, minimum)
+def configured_bucket(n: int, buckets: tuple[int, ...]) -> int:
+    """The smallest of the (increasing) `buckets` that holds `n`, else a multiple of the largest."""
     for bucket in buckets:
-        if bucket >= rows:
+        if bucket >= n:
             return int(bucket)
-    return int(-(-rows // buckets[-1]) * buckets[-1])
+    return int(-(-n // buckets[-1]) * buckets[-1])
+
+
+def vision_row_bucket(rows: int, buckets: tuple[int, ...] | None, minimum: int = 64) -> int:
+    """Rows to pad a host batch's vision input to: `configured_bucket`, or without configured buckets
+    `auto_vision_bucket`."""
+    return auto_vision_bucket(rows, minimum) if buckets is None else configured_bucket(rows, buckets)
 
 
 def _epoch_rng(seed: int, epoch: int) -> np.random.Generator:

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from gsjax.data.buckets import ladder_bucket
+from gsjax.data.buckets import configured_bucket, ladder_bucket
 from gsjax.data.encode import EncodedExample
 from gsjax.models.qwen3_vl.config import Qwen3VLConfig, VisionConfig
 from gsjax.models.qwen3_vl.rope import get_rope_index
@@ -66,14 +66,16 @@ def shift_targets(input_ids: np.ndarray, loss_mask: np.ndarray, attention_mask: 
 MIN_LOSS_POSITIONS = 64
 
 
-def loss_positions(target_mask: np.ndarray) -> np.ndarray | None:
+def loss_positions(target_mask: np.ndarray, buckets: tuple[int, ...] | None = None) -> np.ndarray | None:
     """(B, K) positions of each row's trained targets in order, padded with L-1 (its target is never
-    trained: see `shift_targets`); None when the bucketed K would not be below L."""
+    trained: see `shift_targets`); None when the bucketed K would not be below L. K is the smallest of
+    `buckets` that holds every row's targets (fewer K, fewer compiled programs), else `ladder_bucket`'s."""
     batch, length = target_mask.shape
     trained = target_mask > 0
     if trained[:, -1].any():
         raise ValueError("the last position of a row cannot carry a trained target")
-    k = ladder_bucket(int(trained.sum(axis=1).max(initial=0)), MIN_LOSS_POSITIONS)
+    most = int(trained.sum(axis=1).max(initial=0))
+    k = ladder_bucket(most, MIN_LOSS_POSITIONS) if buckets is None else configured_bucket(most, buckets)
     if k >= length:
         return None
     out = np.full((batch, k), length - 1, np.int32)
@@ -84,7 +86,8 @@ def loss_positions(target_mask: np.ndarray) -> np.ndarray | None:
 
 
 def collate(examples: Sequence[EncodedExample | None], length: int, vision_rows: int | None,
-            model_cfg: Qwen3VLConfig, pad_id: int) -> dict[str, Any]:
+            model_cfg: Qwen3VLConfig, pad_id: int, loss_position_buckets: tuple[int, ...] | None = None
+            ) -> dict[str, Any]:
     """Stack examples (None = empty row) into one (B, `length`) batch."""
     batch = len(examples)
     input_ids = np.full((batch, length), pad_id, np.int32)
@@ -113,5 +116,5 @@ def collate(examples: Sequence[EncodedExample | None], length: int, vision_rows:
         "positions": np.asarray(positions, np.int32),
         "vision": vision,
         "num_tokens": int(target_mask.sum()),
-        "loss_positions": loss_positions(target_mask),
+        "loss_positions": loss_positions(target_mask, loss_position_buckets),
     }

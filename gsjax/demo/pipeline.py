@@ -86,6 +86,12 @@ def sft_config(cfg: DemoConfig, layout: Layout, records: int) -> SFTConfig:
     return SFTConfig.from_dict(raw)
 
 
+def loss_position_buckets(cfg: DemoConfig) -> list[int]:
+    """Head sizes of the GRPO update: most episodes sample under 384 tokens, none more than the turn budget."""
+    most = cfg.max_llm_calls * cfg.max_new_tokens_per_turn
+    return sorted({min(384, most), most})
+
+
 def grpo_config(cfg: DemoConfig, layout: Layout, generator_url: str) -> GRPOConfig:
     """The GRPO recipe of the demo (agent env, local tools, heuristic judge, image server generator)."""
     from gsjax.train.grpo_config import GRPOConfig
@@ -112,10 +118,12 @@ def grpo_config(cfg: DemoConfig, layout: Layout, generator_url: str) -> GRPOConf
                    "generator_urls": [generator_url], "generation_attempts": 1, "workers": 2},
         # the sampler's logprobs are the old policy's (one update per step): no recompute pass to compile
         "advantage": {"old_logprobs": "rollout"},
-        # one vision-row size (four 256-row images) for most micro-batches: fewer update programs to compile
-        "batch": {"buckets": sorted({min(2048, cfg.max_context_tokens), cfg.max_context_tokens}),
-                  "max_tokens_per_device": cfg.max_context_tokens, "vision_row_buckets": [1024],
-                  "num_minibatches": 1},
+        # Few update programs: compiling one takes about 10 s here, as long as two updates. One length, one
+        # vision-row size (four 256-row images; padding rows where there are none), two head sizes: 2 programs
+        # where per-episode shapes compiled 10 in 6 steps.
+        "batch": {"buckets": [cfg.max_context_tokens], "max_tokens_per_device": cfg.max_context_tokens,
+                  "vision_row_buckets": [1024], "vision_in_every_batch": True,
+                  "loss_position_buckets": loss_position_buckets(cfg), "num_minibatches": 1},
     }
     return GRPOConfig.from_dict(raw)
 

@@ -81,6 +81,10 @@ class RLBatchConfig:
     seed: int = 0
     vision_row_buckets: tuple[int, ...] | None = None
     min_vision_rows: int = 64
+    # micro-batches without images still get vision rows (all padding): one program serves both kinds
+    vision_in_every_batch: bool = False
+    # sizes K of the LM head's trained positions per row (None: 64, 96, 128, 192, ...); each K compiles anew
+    loss_position_buckets: tuple[int, ...] | None = None
     pad_id: int = ENDOFTEXT_ID  # Qwen pads with <|endoftext|>
 
     def __post_init__(self) -> None:
@@ -88,6 +92,10 @@ class RLBatchConfig:
             raise ValueError(f"buckets must be increasing and non-empty, got {self.buckets}")
         if self.max_tokens_per_device <= 0 or self.num_minibatches <= 0:
             raise ValueError("max_tokens_per_device and num_minibatches must be positive")
+        for name in ("vision_row_buckets", "loss_position_buckets"):
+            sizes = getattr(self, name)
+            if sizes is not None and (not sizes or list(sizes) != sorted(set(sizes)) or sizes[0] <= 0):
+                raise ValueError(f"{name} must be increasing positive sizes (or null), got {sizes}")
 
 
 @dataclass(frozen=True)
@@ -213,7 +221,8 @@ def collate_rl(samples: Sequence[RLSample | None], length: int, model_cfg: Qwen3
     if vision_rows is not None and vision_rows < needed:
         raise ValueError(f"{vision_rows} vision rows for images that need {needed}")
     rows = (vision_rows if vision_rows is not None else needed) or None
-    batch = collate([None if s is None else s.example for s in samples], length, rows, model_cfg, cfg.pad_id)
+    batch = collate([None if s is None else s.example for s in samples], length, rows, model_cfg, cfg.pad_id,
+                    cfg.loss_position_buckets)
     mask = batch["target_mask"]
     logprobs = [None if s is None else s.rollout_logprobs for s in samples]
     batch["old_logprobs"] = _shift_left(logprobs, length, mask)
@@ -252,7 +261,9 @@ class HostAgreement(Protocol):
 
 def _vision_rows(samples: Sequence[RLSample | None], cfg: RLBatchConfig) -> int:
     rows = sum(s.example.vision_rows for s in samples if s is not None)
-    return vision_row_bucket(rows, cfg.vision_row_buckets, cfg.min_vision_rows) if rows else 0
+    if not rows and not cfg.vision_in_every_batch:
+        return 0
+    return vision_row_bucket(max(rows, 1), cfg.vision_row_buckets, cfg.min_vision_rows)
 
 
 def build_rl_batches(samples: Sequence[RLSample], model_cfg: Qwen3VLConfig, loss_cfg: GRPOLossConfig,

@@ -37,3 +37,15 @@ def test_buckets_are_few_and_waste_under_a_half():
     sizes = sorted({ladder_bucket(n, MIN_LOSS_POSITIONS) for n in range(1, 5000)})
     assert sizes[:6] == [64, 96, 128, 192, 256, 384] and len(sizes) < 20
     assert all(ladder_bucket(n, MIN_LOSS_POSITIONS) < 1.5 * n + 64 for n in range(1, 5000))
+
+
+def test_configured_sizes_pick_the_smallest_that_holds_else_a_multiple_of_the_largest():
+    mask = np.zeros((2, 2000), np.float32)
+    mask[0, 10:110] = 1  # 100 trained targets
+    assert loss_positions(mask, (96, 384)).shape == (2, 384)
+    mask[1, 500:1300] = 1  # 800: past the largest size, so two of it
+    out = loss_positions(mask, (96, 384))
+    assert out.shape == (2, 1152)
+    np.testing.assert_array_equal(out[1, :800], np.arange(500, 1300))
+    assert (out[1, 800:] == 1999).all()
+    assert loss_positions(mask, (2048,)) is None  # not below L

@@ -326,3 +326,38 @@ def _device(batch: dict) -> dict:
     """The learner's device batch plus the RL keys (see the report on `device_batch`)."""
     rl_keys = ("old_logprobs", "advantages", "rollout_logprobs", "row_denominator")
     return {**device_batch(batch), **{k: jnp.asarray(batch[k]) for k in rl_keys if k in batch}}
+
+
+def test_fixed_head_sizes_and_vision_rows_in_every_batch_keep_the_loss(cfg, samples):
+    """The demo's few-programs settings: configured K sizes and vision rows for image-less micro-batches change
+    shapes only, never the loss or its gradients."""
+    image_less = [s for s in samples if s.example.pixel_values is None]
+    assert image_less  # GRIDS has a sample without images
+    loss_cfg = GRPOLossConfig(loss_agg_mode="token-mean")
+    plain = RLBatchConfig(buckets=(160,), max_tokens_per_device=160, pad_id=PAD, vision_row_buckets=(64,))
+    few = dataclasses.replace(plain, vision_in_every_batch=True, loss_position_buckets=(40, 96))
+    with pytest.raises(ValueError, match="loss_position_buckets"):
+        dataclasses.replace(plain, loss_position_buckets=(96, 40))
+
+    def micro_batches(rl_cfg):
+        return [m for mb in build_rl_batches(samples, cfg, loss_cfg, rl_cfg).minibatches for m in mb]
+
+    default, fixed = micro_batches(plain), micro_batches(few)
+    assert [m["sample_index"].tolist() for m in default] == [m["sample_index"].tolist() for m in fixed]
+    assert {m["loss_positions"].shape[1] for m in fixed} <= {40, 96}
+    assert any(m["vision"] is None for m in default)
+    assert all(m["vision"] is not None and m["vision"]["pixel_values"].shape[0] == 64 for m in fixed)
+
+    graphdef, params, rest = nnx.split(Qwen3VL(cfg, rngs=nnx.Rngs(2)), nnx.Param, ...)
+    logprobs_of = jax.jit(lambda p, b: policy_logprobs(nnx.merge(graphdef, p, rest), b)[0])
+    grad_of = jax.jit(jax.grad(lambda p, b: make_grpo_loss(loss_cfg)(nnx.merge(graphdef, p, rest), b)[:2],
+                               has_aux=True))
+    for a, b in zip(default, fixed):
+        for batch in (a, b):  # the rollout policy: near this one (ratios inside the clip range, so gradients flow)
+            lp = np.asarray(logprobs_of(params, _device(batch))) - 0.05
+            batch["old_logprobs"] = batch["rollout_logprobs"] = np.where(batch["target_mask"] > 0, lp, 0)
+        (ga, da), (gb, db) = grad_of(params, _device(a)), grad_of(params, _device(b))
+        assert float(da) == float(db) > 0
+        assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(gb)) > 1e-4
+        for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
+            np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6)
