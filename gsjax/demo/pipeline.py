@@ -118,9 +118,9 @@ def grpo_config(cfg: DemoConfig, layout: Layout, generator_url: str) -> GRPOConf
                    "generator_urls": [generator_url], "generation_attempts": 1, "workers": 2},
         # the sampler's logprobs are the old policy's (one update per step): no recompute pass to compile
         "advantage": {"old_logprobs": "rollout"},
-        # Few update programs: compiling one takes about 10 s here, as long as two updates. One length, one
-        # vision-row size (four 256-row images; padding rows where there are none), two head sizes: 2 programs
-        # where per-episode shapes compiled 10 in 6 steps.
+        # Few update programs: compiling one took 14 s here, two updates' worth (about 7 s each). One length, one
+        # vision-row size (four 256-row images; padding rows where there are none), two head sizes: at most 2
+        # programs (1 compiled in the measured 6 steps) where per-episode shapes compiled 10 (103 s).
         "batch": {"buckets": [cfg.max_context_tokens], "max_tokens_per_device": cfg.max_context_tokens,
                   "vision_row_buckets": [1024], "vision_in_every_batch": True,
                   "loss_position_buckets": loss_position_buckets(cfg), "num_minibatches": 1},
