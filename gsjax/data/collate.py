@@ -37,8 +37,8 @@ def empty_vision(rows: int, cfg: VisionConfig) -> dict[str, np.ndarray]:
     }
 
 
-def batch_vision(examples: Sequence[EncodedExample | None], rows: int | None,
-                 cfg: VisionConfig) -> tuple[dict[str, np.ndarray] | None, np.ndarray | None]:
+def batch_vision(examples: Sequence[EncodedExample | None], rows: int | None, cfg: VisionConfig,
+                 max_frame_rows: int = 0) -> tuple[dict[str, np.ndarray] | None, np.ndarray | None]:
     """(vision dict padded to `rows`, concatenated image_grid_thw) for the images of the batch, in row order."""
     with_images = [e for e in examples if e is not None and e.pixel_values is not None]
     if rows is None:
@@ -49,7 +49,7 @@ def batch_vision(examples: Sequence[EncodedExample | None], rows: int | None,
         return empty_vision(rows, cfg), None
     pixels = np.concatenate([e.pixel_values for e in with_images])
     grid = np.concatenate([e.image_grid_thw for e in with_images])
-    inputs = vision_inputs(pixels, grid, cfg, pad_to=rows)
+    inputs = vision_inputs(pixels, grid, cfg, pad_to=rows, max_frame_rows=max_frame_rows)
     return {k: np.asarray(getattr(inputs, k)) for k in VISION_KEYS}, grid
 
 
@@ -102,7 +102,7 @@ def collate(examples: Sequence[EncodedExample | None], length: int, vision_rows:
         input_ids[row, :n] = example.input_ids
         loss_mask[row, :n] = example.loss_mask
         attention_mask[row, :n] = True
-    vision, grid = batch_vision(examples, vision_rows, model_cfg.vision)
+    vision, grid = batch_vision(examples, vision_rows, model_cfg.vision, model_cfg.runtime.vision_max_frame_rows)
     positions, _ = get_rope_index(input_ids, image_token_id=model_cfg.image_token_id,
                                   video_token_id=model_cfg.video_token_id,
                                   spatial_merge_size=model_cfg.vision.spatial_merge_size,

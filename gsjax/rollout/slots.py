@@ -322,4 +322,4 @@ def _group_vision(group: Sequence[Decoding], config: Qwen3VLConfig, min_rows: in
     pixels = np.concatenate([px for px, _ in images])
     grids = np.concatenate([g for _, g in images])
     pad = vision_rows_bucket(pixels.shape[0], min_rows, config.vision.merge_unit)
-    return vision_inputs(pixels, grids, config.vision, pad_to=pad)
+    return vision_inputs(pixels, grids, config.vision, pad_to=pad, max_frame_rows=config.runtime.vision_max_frame_rows)

@@ -59,10 +59,14 @@ class ModelSection:
     vision_remat: str = "none"
     attention_impl: Literal["auto", "xla", "cudnn", "chunked"] = "auto"
     moe_impl: Literal["ragged", "dense"] = "ragged"
+    # patch rows of the largest image frame (grid h·w; 0: unbounded): the vision attention then costs O(N·rows)
+    # instead of O(N²) over the N patch rows of a batch. Images past it are refused with the image named.
+    vision_max_frame_rows: int = 0
 
     def runtime(self) -> RuntimeConfig:
         return RuntimeConfig(param_dtype=self.param_dtype, dtype=self.dtype, attention_impl=self.attention_impl,
-                             moe_impl=self.moe_impl, remat=self.remat, vision_remat=self.vision_remat)
+                             moe_impl=self.moe_impl, remat=self.remat, vision_remat=self.vision_remat,
+                             vision_max_frame_rows=self.vision_max_frame_rows)
 
     def resolve(self) -> Qwen3VLConfig:
         """The model config: read from `hf_dir/config.json`, or the named preset, with this runtime."""

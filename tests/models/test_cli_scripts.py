@@ -44,3 +44,13 @@ def test_training_benchmarks_print_one_json_comparison(script):
     assert result["gsjax"]["tokens_per_s"] > 0 and result["torch"]["tokens_per_s"] > 0
     assert result["speed_ratio_gsjax_over_torch"] > 0
     assert min(v for k, v in result.items() if k.endswith("loss_abs_diff")) < 1e-4
+
+
+def test_vision_attention_benchmark_compares_both_kernels_on_the_same_inputs():
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts/bench_vision_attention.py"), "--frames", "8",
+                           "--grid", "4x4", "--repeats", "1"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["patch_rows"] == 128 and result["dense_seconds"] > 0 and result["banded_seconds"] > 0
+    assert result["banded_gflops"] < result["dense_gflops"]
+    assert result["max_abs_diff"] < 1e-5

@@ -30,6 +30,9 @@ class AttentionMask:
     q_index: jax.Array | None = None  # (B, T) int32, "cached" only
     segment_ids: jax.Array | None = None  # (B, S) int32, "segments" only
     kind: MaskKind = "causal"  # static
+    # static, "segments" only: every segment is contiguous and at most this long (0: unknown). Lets the
+    # kernel read a band of keys around each query block instead of all of them.
+    max_segment: int = 0
 
     def dense(self, num_queries: int, num_keys: int) -> jax.Array:
         """Boolean (B, 1, T, S) mask."""
@@ -48,7 +51,7 @@ class AttentionMask:
 
 # `kind` is static pytree metadata (it selects code paths), the arrays are data.
 jax.tree_util.register_dataclass(
-    AttentionMask, data_fields=["kv_valid", "q_index", "segment_ids"], meta_fields=["kind"]
+    AttentionMask, data_fields=["kv_valid", "q_index", "segment_ids"], meta_fields=["kind", "max_segment"]
 )
 
 
@@ -60,8 +63,9 @@ def cached_mask(q_index: jax.Array, kv_valid: jax.Array) -> AttentionMask:
     return AttentionMask(kv_valid=kv_valid.astype(bool), q_index=q_index.astype(jnp.int32), kind="cached")
 
 
-def segment_mask(segment_ids: jax.Array) -> AttentionMask:
-    return AttentionMask(segment_ids=segment_ids, kind="segments")
+def segment_mask(segment_ids: jax.Array, max_segment: int = 0) -> AttentionMask:
+    """Block-diagonal mask; `max_segment` > 0 promises contiguous segments of at most that many rows."""
+    return AttentionMask(segment_ids=segment_ids, kind="segments", max_segment=max_segment)
 
 
 def resolve_impl(impl: str) -> str:
@@ -86,6 +90,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask, *, imp
         return _chunked_causal(q, k, v, mask, chunk)
     if mask.kind == "cached" and q.shape[1] == 1 and impl in ("chunked", "xla"):
         return _single_query(q, k, v, mask)
+    if mask.kind == "segments" and 0 < mask.max_segment and 3 * mask.max_segment < q.shape[1]:
+        return _banded_segments(q, k, v, mask.segment_ids, mask.max_segment)
     dense = mask.dense(q.shape[1], k.shape[1])
     return jax.nn.dot_product_attention(q, k, v, mask=dense, implementation="xla")
 
@@ -113,6 +119,40 @@ def _chunked_causal(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMas
         outs.append(jax.nn.dot_product_attention(
             q[:, start:stop], k[:, :stop], v[:, :stop], mask=block_mask, implementation="xla"))
     return jnp.concatenate(outs, axis=1)
+
+
+def _banded_segments(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, block: int) -> jax.Array:
+    """Block-diagonal attention over contiguous segments of at most `block` rows, in O(N·block) not O(N²).
+
+    Query block i (rows [i·block, (i+1)·block)) can only see keys of its own segments, which all lie within
+    [(i-1)·block, (i+2)·block): so each block attends over that static band of 3·block keys with the segment
+    mask inside it. Every visible key is in the band, so the softmax is the dense one. Rows padded on to fill
+    the blocks and the band's edges get segment id -2 (padding rows of the input keep -1: they only see each
+    other, as in the dense kernel, and are never read).
+    """
+    batch, length, heads, dim = q.shape
+    blocks = -(-length // block)
+    tail = blocks * block - length
+    seg = segment_ids.astype(jnp.int32)
+
+    def pad_rows(x: jax.Array, before: int, after: int, fill: float | int = 0) -> jax.Array:
+        widths = [(0, 0)] * x.ndim
+        widths[1] = (before, after)
+        return jnp.pad(x, widths, constant_values=fill)
+
+    def bands(x: jax.Array) -> jax.Array:
+        """(B, blocks + 2 blocks of padding..., ...) -> (B·blocks, 3·block, ...): block i with its neighbours."""
+        tiles = x.reshape(batch, blocks + 2, block, *x.shape[2:])
+        band = jnp.concatenate([tiles[:, :-2], tiles[:, 1:-1], tiles[:, 2:]], axis=2)
+        return band.reshape(batch * blocks, 3 * block, *x.shape[2:])
+
+    q_blocks = pad_rows(q, 0, tail).reshape(batch * blocks, block, heads, dim)
+    q_seg = pad_rows(seg, 0, tail, -2).reshape(batch * blocks, block)
+    k_band, v_band = (bands(pad_rows(x, block, tail + block)) for x in (k, v))
+    k_seg = bands(pad_rows(seg, block, tail + block, -2))
+    mask = (q_seg[:, :, None] == k_seg[:, None, :])[:, None]  # (B·blocks, 1, block, 3·block)
+    out = jax.nn.dot_product_attention(q_blocks, k_band, v_band, mask=mask, implementation="xla")
+    return out.reshape(batch, blocks * block, heads, dim)[:, :length]
 
 
 def _single_query(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask) -> jax.Array:

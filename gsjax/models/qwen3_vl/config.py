@@ -141,6 +141,10 @@ class RuntimeConfig:
     # one policy for all text layers, or one per layer (spec: selectable per layer by config)
     remat: str | tuple[str, ...] = "none"
     vision_remat: str = "none"
+    # The most patch rows one image frame can have (its grid h·w; 0: not bounded). When set, the vision tower's
+    # block-diagonal attention reads a band of 3× that many keys per query block instead of every row of the
+    # batch (O(N·rows) not O(N²) in time and memory), and inputs with a larger frame are refused.
+    vision_max_frame_rows: int = 0
 
     def remat_for_layer(self, layer: int, num_layers: int) -> str:
         if isinstance(self.remat, str):
@@ -153,6 +157,8 @@ class RuntimeConfig:
         for name in (self.param_dtype, self.dtype):
             if name not in DTYPES:
                 raise ConfigError(f"dtype {name!r} not one of {DTYPES}")
+        if self.vision_max_frame_rows < 0:
+            raise ConfigError(f"vision_max_frame_rows must be >= 0 (0: unbounded), got {self.vision_max_frame_rows}")
         policies = (self.remat,) if isinstance(self.remat, str) else self.remat
         for p in (*policies, self.vision_remat):
             if p not in REMAT_POLICIES:

@@ -202,5 +202,6 @@ def prepare_inputs(config: Qwen3VLConfig, input_ids: np.ndarray, attention_mask:
     if n_placeholders != expected:
         raise ValueError(
             f"input_ids hold {n_placeholders} image tokens but image_grid_thw {grid.tolist()} gives {expected}")
-    out["vision"] = vision_inputs(pixel_values, grid, config.vision, pad_to=pad_vision_to)
+    out["vision"] = vision_inputs(pixel_values, grid, config.vision, pad_to=pad_vision_to,
+                                  max_frame_rows=config.runtime.vision_max_frame_rows)
     return out

@@ -44,9 +44,13 @@ def _axis_taps(index: np.ndarray, size: np.ndarray, side: int) -> tuple[np.ndarr
 
 
 def vision_inputs(pixel_values: np.ndarray, grid_thw: np.ndarray, cfg: VisionConfig,
-                  pad_to: int | None = None) -> VisionInputs:
-    """Host-side preparation of one batch of images for the tower (numpy arrays)."""
+                  pad_to: int | None = None, max_frame_rows: int = 0) -> VisionInputs:
+    """Host-side preparation of one batch of images for the tower (numpy arrays).
+
+    `max_frame_rows` (the runtime's `vision_max_frame_rows`; 0: unbounded) refuses any larger frame: the
+    tower's banded attention would not see all of it."""
     grid = np.asarray(grid_thw, dtype=np.int64).reshape(-1, 3)
+    check_frame_rows(grid, max_frame_rows)
     pixel_values = np.asarray(pixel_values)
     m, side = cfg.spatial_merge_size, cfg.grid_side
     counts = grid.prod(axis=1)
@@ -80,6 +84,24 @@ def vision_inputs(pixel_values: np.ndarray, grid_thw: np.ndarray, cfg: VisionCon
     return VisionInputs(**out)
 
 
+def check_frame_rows(grid_thw: np.ndarray, max_frame_rows: int) -> None:
+    """Raise if an image frame has more patch rows (h·w of its grid) than `max_frame_rows` (0: no bound)."""
+    if max_frame_rows <= 0:
+        return
+    grid = np.asarray(grid_thw, dtype=np.int64).reshape(-1, 3)
+    rows = grid[:, 1] * grid[:, 2]
+    if rows.size and rows.max() > max_frame_rows:
+        i = int(np.argmax(rows))
+        raise ValueError(f"image {i} (grid {grid[i].tolist()}) has {int(rows[i])} patch rows per frame, more than "
+                         f"runtime.vision_max_frame_rows={max_frame_rows}: raise the bound or lower max_pixels")
+
+
+def longest_segment(segment_ids: jax.Array) -> jax.Array:
+    """The most rows any segment id >= 0 has (padding rows, id -1, are not counted)."""
+    counts = jax.ops.segment_sum(jnp.ones_like(segment_ids), segment_ids, num_segments=segment_ids.shape[0])
+    return jnp.max(counts)
+
+
 def _pad_rows(arrays: dict[str, np.ndarray], pad_to: int) -> dict[str, np.ndarray]:
     total = arrays["pixel_values"].shape[0]
     if pad_to < total or pad_to % 4:
@@ -107,7 +129,7 @@ class VisionBlock(nnx.Module):
         self.fc1 = Dense(d, cfg.intermediate_size, ("vit_embed", "vit_mlp"), param_dtype, rngs, use_bias=True)
         self.fc2 = Dense(cfg.intermediate_size, d, ("vit_mlp", "vit_embed"), param_dtype, rngs, use_bias=True)
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, segment_ids: jax.Array,
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, segment_ids: jax.Array, max_frame_rows: int,
                  attention_impl: str) -> jax.Array:
         dt = x.dtype
         h = self.norm1(x)
@@ -117,7 +139,8 @@ class VisionBlock(nnx.Module):
         # 2-D rotary in fp32, cast back (spec §2.2)
         q = apply_rotary(q.astype(jnp.float32), cos, sin).astype(dt)
         k = apply_rotary(k.astype(jnp.float32), cos, sin).astype(dt)
-        o = attend(q[None], k[None], v[None], segment_mask(segment_ids[None]), impl=attention_impl)[0]
+        o = attend(q[None], k[None], v[None], segment_mask(segment_ids[None], max_frame_rows),
+                   impl=attention_impl)[0]
         x = x + jnp.einsum("nhk,hkd->nd", o, self.o_proj[...].astype(dt)) + self.o_bias[...].astype(dt)
         h = jax.nn.gelu(self.fc1(self.norm2(x)), approximate=True)  # gelu_pytorch_tanh
         return x + self.fc2(h)
@@ -153,6 +176,7 @@ class VisionTower(nnx.Module):
         self.dtype = dtype_of(config.runtime.dtype)
         self.attention_impl = config.runtime.attention_impl
         self.remat = config.runtime.vision_remat
+        self.max_frame_rows = config.runtime.vision_max_frame_rows
         self.patch_embed = Dense(cfg.patch_dim, cfg.hidden_size, ("vit_patch", "vit_embed"), pdt, rngs,
                                  use_bias=True)
         self.pos_embed = make_param(rngs, (cfg.num_position_embeddings, cfg.hidden_size),
@@ -168,19 +192,22 @@ class VisionTower(nnx.Module):
         table = self.pos_embed[...].astype(jnp.float32)
         pos = jnp.sum(table[inputs.pos_index] * inputs.pos_weight[..., None], axis=1)  # fp32 (spec §2.1)
         x = x + pos.astype(x.dtype)
+        if self.max_frame_rows:  # inputs are checked on the host; a frame past the bound poisons, never misleads
+            x = jnp.where(longest_segment(inputs.segment_ids) > self.max_frame_rows, jnp.nan, x)
         cos, sin = vision_cos_sin(inputs.rope_pos, self.cfg.head_dim, self.cfg.rope_theta)
         policy = remat_policy(self.remat)
         deepstack: list[jax.Array] = []
         taps = list(self.cfg.deepstack_visual_indexes)
         for i, block in enumerate(self.blocks):
-            x = _run_block(block, x, cos, sin, inputs.segment_ids, self.attention_impl, policy)
+            x = _run_block(block, x, cos, sin, inputs.segment_ids, self.max_frame_rows, self.attention_impl,
+                           policy)
             if i in taps:
                 deepstack.append(self.deepstack_mergers[taps.index(i)](x))
         return self.merger(x), deepstack
 
 
-def _run_block(block: VisionBlock, x, cos, sin, segment_ids, impl: str, policy) -> jax.Array:
+def _run_block(block: VisionBlock, x, cos, sin, segment_ids, max_frame_rows: int, impl: str, policy) -> jax.Array:
     if policy is None:
-        return block(x, cos, sin, segment_ids, impl)
-    fn = nnx.remat(lambda b, *a: b(*a, impl), policy=policy)
+        return block(x, cos, sin, segment_ids, max_frame_rows, impl)
+    fn = nnx.remat(lambda b, *a: b(*a, max_frame_rows, impl), policy=policy)
     return fn(block, x, cos, sin, segment_ids)
