@@ -19,6 +19,7 @@ from safetensors.numpy import load_file
 from gsjax.train.checkpointing import Checkpointer, complete_steps
 from gsjax.train.grpo import run_grpo
 from gsjax.train.grpo_config import load_grpo_config
+from gsjax.train.guards import NonFiniteTraining
 from gsjax.train.metrics import read_metrics
 
 RECIPE = Path(__file__).resolve().parents[2] / "configs" / "grpo_tiny_cpu.yaml"
@@ -101,6 +102,19 @@ def test_kill_minus_nine_then_resume_matches_an_uninterrupted_run(toy_hf, tmp_pa
     assert a.keys() == b.keys()
     worst = max(float(np.abs(a[k].astype(np.float64) - b[k]).max()) for k in a)
     assert worst <= 1e-5, worst
+
+
+def test_a_non_finite_update_stops_before_the_weights_are_pushed_or_saved(toy_hf, tmp_path):
+    """lr 1e30: update 1 is finite but overflows the weights, so update 2's loss is not. The run stops there,
+    before step 2 pushes, logs or saves anything: only step 1 is checkpointed and logged."""
+    cfg = load_grpo_config(RECIPE, toy_overrides(toy_hf, tmp_path / "run", **{
+        "train.steps": 3, "train.checkpoint_every": 1, "optim.lr": 1e30}))
+    with pytest.raises(NonFiniteTraining, match=r"update 2 gave non-finite loss=") as caught:
+        run_grpo(cfg, progress=False)
+    assert caught.value.step == 2
+    assert complete_steps(tmp_path / "run" / "checkpoints") == [1]
+    steps = [m["step"] for m in read_metrics(tmp_path / "run" / "metrics.jsonl")]
+    assert steps == [1]
 
 
 def test_minibatches_and_micro_batch_accumulation_with_rollout_old_logprobs(toy_hf, tmp_path):

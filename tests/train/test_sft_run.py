@@ -19,6 +19,7 @@ from gsjax.cli import app
 from gsjax.data.synthetic import SyntheticSpec, write_synthetic_sft
 from gsjax.train.checkpointing import complete_steps
 from gsjax.train.config import load_config
+from gsjax.train.guards import NonFiniteTraining, check_finite
 from gsjax.train.metrics import read_metrics
 from gsjax.train.sft import run_sft
 
@@ -47,6 +48,27 @@ def test_loss_falls_when_overfitting_a_few_records(records, tmp_path):
     assert result.final_step == 24 and len(losses) == 24
     assert np.mean(losses[-4:]) < 0.5 * np.mean(losses[:4]), losses
     assert result.data_stats["valid"] > 0
+
+
+def test_a_non_finite_update_stops_the_run_before_it_is_checkpointed(records, tmp_path):
+    """A learning rate of 1e30 makes update 1's weights overflow, so update 2's loss is not finite. Update 2 is
+    not a logging step (log_every 100) but a checkpoint step: the run stops there and saves nothing."""
+    cfg = load_config(RECIPE, overrides(records, tmp_path / "run", **{
+        "train.steps": 4, "train.checkpoint_every": 2, "train.log_every": 100, "train.export_hf_at_end": "false",
+        "optim.lr": 1e30, "optim.schedule": "constant", "optim.warmup_ratio": 0.0}))
+    with pytest.raises(NonFiniteTraining, match=r"update 2 gave non-finite loss=.*; its state was not saved\. L") \
+            as caught:
+        run_sft(cfg, progress=False)
+    assert caught.value.step == 2 and caught.value.last_checkpoint is None
+    assert complete_steps(tmp_path / "run" / "checkpoints") == []
+
+
+def test_check_finite_names_each_bad_figure_and_ignores_absent_ones():
+    check_finite(3, {"loss": 1.5, "grad_norm": 0.2, "tokens": float("nan")})  # only loss and grad_norm count
+    check_finite(3, {})
+    with pytest.raises(NonFiniteTraining, match=r"update 7 gave non-finite grad_norm=inf;.*step 6") as caught:
+        check_finite(7, {"loss": 2.0, "grad_norm": float("inf")}, last_checkpoint=6)
+    assert caught.value.values == {"grad_norm": float("inf")}
 
 
 def _exported(directory: Path) -> dict[str, np.ndarray]:
