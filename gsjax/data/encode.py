@@ -19,7 +19,7 @@ from jinja2 import TemplateError
 from gsjax.data.config import SFTDataConfig
 from gsjax.data.images import grid_of_size, load_sft_image, read_image_size
 from gsjax.data.records import ChatRecord, to_chat
-from gsjax.data.skips import ENCODE_ERROR, TOO_LONG, BadRecord
+from gsjax.data.skips import BAD_IMAGE, ENCODE_ERROR, TOO_LONG, BadRecord
 from gsjax.processing.chat import encode_chat
 from gsjax.processing.images import ImageProcessorConfig
 from gsjax.processing.template import chat_template, render_chat
@@ -37,11 +37,14 @@ class EncodeContext:
     min_pixels: int
     cutoff_len: int
     add_empty_think: bool
+    max_frame_rows: int = 0  # the model's runtime.vision_max_frame_rows (0: unbounded)
 
     @classmethod
-    def from_config(cls, cfg: SFTDataConfig, tokenizer: Any, image_cfg: ImageProcessorConfig) -> EncodeContext:
+    def from_config(cls, cfg: SFTDataConfig, tokenizer: Any, image_cfg: ImageProcessorConfig,
+                    max_frame_rows: int = 0) -> EncodeContext:
         return cls(tokenizer=tokenizer, image_cfg=image_cfg, data_root=cfg.data_root, max_pixels=cfg.max_pixels,
-                   min_pixels=cfg.min_pixels, cutoff_len=cfg.cutoff_len, add_empty_think=cfg.add_empty_think)
+                   min_pixels=cfg.min_pixels, cutoff_len=cfg.cutoff_len, add_empty_think=cfg.add_empty_think,
+                   max_frame_rows=max_frame_rows)
 
     @property
     def newline_id(self) -> int:
@@ -100,6 +103,14 @@ def _check_length(length: int, cutoff_len: int) -> None:
         raise BadRecord(TOO_LONG, f"{length} tokens exceed the cutoff of {cutoff_len}")
 
 
+def _check_frames(paths: Sequence[Path], grids: Any, max_frame_rows: int) -> None:
+    """A frame the vision tower's banded attention cannot hold makes the record unusable (counted, skipped)."""
+    for path, (_, h, w) in zip(paths, np.asarray(grids).reshape(-1, 3).tolist() if len(grids) else []):
+        if max_frame_rows and h * w > max_frame_rows:
+            raise BadRecord(BAD_IMAGE, f"image {path} becomes {h}x{w} patches, more than the model's "
+                                       f"vision_max_frame_rows={max_frame_rows}")
+
+
 def measure_record(record: Any, ctx: EncodeContext) -> RecordInfo:
     """Token count and vision rows of `encode_record(record)` from the text and image headers only."""
     chat = ctx.chat(record)
@@ -108,6 +119,7 @@ def measure_record(record: Any, ctx: EncodeContext) -> RecordInfo:
     text = render_text(chat.messages, ctx.tokenizer)
     if VIDEO_PAD in text or text.count(IMAGE_PAD) != len(grids):
         raise BadRecord(ENCODE_ERROR, "the text holds literal vision pad tokens")
+    _check_frames(chat.image_paths, grids, ctx.max_frame_rows)
     merge = ctx.image_cfg.merge_size ** 2
     rows = [t * h * w for t, h, w in grids]
     length = len(ctx.tokenizer.encode(text, add_special_tokens=False)) + sum(r // merge - 1 for r in rows)
@@ -124,6 +136,8 @@ def encode_record(record: Any, ctx: EncodeContext) -> EncodedExample:
     except ValueError as exc:
         raise BadRecord(ENCODE_ERROR, str(exc)) from exc
     _check_length(len(enc), ctx.cutoff_len)
+    if enc.image_grid_thw is not None:
+        _check_frames(chat.image_paths, enc.image_grid_thw, ctx.max_frame_rows)
     mask = widen_over_newline(enc.input_ids, enc.assistant_mask, ctx.newline_id)
     return EncodedExample(input_ids=enc.input_ids, loss_mask=mask.astype(np.int8),
                           pixel_values=enc.pixel_values, image_grid_thw=enc.image_grid_thw)

@@ -99,7 +99,8 @@ class SFTLoader:
         self.cfg = cfg
         self.process_index, self.process_count = process_index, process_count
         records = RecordFile(cfg.path)
-        ctx = EncodeContext.from_config(cfg, tokenizer, image_config_for(model_cfg, image_config))
+        ctx = EncodeContext.from_config(cfg, tokenizer, image_config_for(model_cfg, image_config),
+                                        model_cfg.runtime.vision_max_frame_rows)
         self.index = build_index(records, ctx, on_bad_record=cfg.on_bad_record, worker_count=cfg.index_workers)
         if self.index.num_valid == 0:
             raise ValueError(f"no usable SFT record in {cfg.path}: all {len(records)} were refused "

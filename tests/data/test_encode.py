@@ -17,7 +17,7 @@ from gsjax.data.encode import (
     widen_over_newline,
 )
 from gsjax.data.records import EMPTY_THINK, read_records
-from gsjax.data.skips import TOO_LONG, BadRecord
+from gsjax.data.skips import BAD_IMAGE, TOO_LONG, BadRecord
 from gsjax.processing.images import ImageProcessorConfig
 from gsjax.processing.tokens import IM_END_ID, IMAGE_PAD_ID
 
@@ -74,6 +74,22 @@ def test_over_cutoff_is_refused(qwen_tokenizer: Any, tmp_path: Path) -> None:
         with pytest.raises(BadRecord) as err:
             fn(record, ctx)
         assert err.value.kind == TOO_LONG
+
+
+def test_an_image_past_the_models_frame_bound_is_a_bad_record(qwen_tokenizer: Any, tmp_path: Path) -> None:
+    """A 200x300 image grows to the processor's 65536-pixel floor, 224x320: 14x20 = 280 patches per frame. Refused
+    under a bound of 200, with the file named, by the planner's measurement and by the encoder; accepted at 280."""
+    Image.fromarray(np.full((200, 300, 3), 90, np.uint8)).save(tmp_path / "big.png")
+    record = {"messages": [{"role": "user", "content": "<image>draw it"}, {"role": "assistant", "content": "a"}],
+              "images": ["big.png"]}
+    config = SFTDataConfig(path=str(tmp_path / "d.json"), max_pixels=160000)
+    tight = EncodeContext.from_config(config, qwen_tokenizer, ImageProcessorConfig(), max_frame_rows=200)
+    for fn in (measure_record, encode_record):
+        with pytest.raises(BadRecord, match=r"big\.png becomes 14x20 patches.*vision_max_frame_rows=200") as err:
+            fn(record, tight)
+        assert err.value.kind == BAD_IMAGE
+    enough = EncodeContext.from_config(config, qwen_tokenizer, ImageProcessorConfig(), max_frame_rows=280)
+    assert measure_record(record, enough).vision_rows == encode_record(record, enough).vision_rows == 280
 
 
 def test_widen_over_newline_only_after_masked_im_end() -> None:
