@@ -13,6 +13,7 @@ import pytest
 from flax import nnx
 
 from gsjax.models.qwen3_vl.checkpoint import load_hf
+from gsjax.models.qwen3_vl.config import RuntimeConfig
 from gsjax.models.qwen3_vl.forward import Runner
 from gsjax.rollout.batch_decoder import BatchDecoder
 from gsjax.rollout.engine import EngineError, GenerationRequest, RolloutEngine, SamplingParams
@@ -178,6 +179,17 @@ def test_bad_requests_raise_engine_error(sampler):
         sampler.submit([text_request(65, greedy())])
     with pytest.raises(EngineError, match="image placeholder tokens"):
         sampler.submit([GenerationRequest(input_ids=(1, 200, 200, 200, 200, 2), params=greedy())])
+
+
+def test_an_image_past_the_frame_bound_is_refused_at_submit_and_the_sampler_goes_on(sampler_hf_dirs):
+    """The second image is 4x8 = 32 patch rows; with runtime.vision_max_frame_rows=16 the request is refused
+    before it is queued (a prefill failure would abort every live request), and other requests still run."""
+    model = load_hf(sampler_hf_dirs["base"], runtime=RuntimeConfig(vision_max_frame_rows=16))
+    with JaxSampler(model, CONFIG) as engine:
+        with pytest.raises(EngineError, match=r"request 'image'.*image 1 \(grid \[1, 4, 8\]\).*=16"):
+            engine.submit([image_request(greedy())])
+        [result] = engine.generate_batch([text_request(6, greedy(4))])
+        assert len(result.output_ids) == 4
 
 
 def test_update_weights_from_state_and_hf_dir(sampler_hf_dirs):
