@@ -24,9 +24,10 @@ from typing import Any, TypeVar
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from gsjax.models.qwen3_vl.vision import VisionInputs
+from gsjax.models.qwen3_vl.vision import VisionInputs, pad_vision
+from gsjax.parallel.sharding import Rules, batch_parts, batch_sharding
 
 T = TypeVar("T")
 
@@ -97,6 +98,25 @@ def global_vision(local: VisionInputs, order: Sequence[int]) -> VisionInputs:
                       joined.dtype)
         out[name] = np.concatenate([joined, pad])
     return VisionInputs(**out)
+
+
+def place_vision(vision: VisionInputs, mesh: Mesh, rules: Rules) -> VisionInputs:
+    """The batch's vision inputs (global, identical on every host) on the mesh, rows split over the batch axes:
+    each device runs the tower on 1/parts of the patch rows, where replicated rows would make every device
+    encode every image of the global batch. Rows are padded (segment -1, never read) to whole 2x2 merge groups
+    per device; the tower's math is unchanged, XLA only partitions it."""
+    parts = batch_parts(mesh, rules)
+    if parts > 1:
+        rows = int(np.asarray(vision.segment_ids).shape[0])
+        vision = pad_vision(vision, -(-rows // (4 * parts)) * 4 * parts)
+    split = batch_sharding(mesh, 1, rules).spec[0] if parts > 1 else None
+
+    def put(array: Any) -> jax.Array:
+        array = np.asarray(array)
+        sharding = NamedSharding(mesh, PartitionSpec(split, *([None] * (array.ndim - 1))))
+        return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+
+    return jax.tree.map(put, vision)
 
 
 def gather_to_hosts(tree):

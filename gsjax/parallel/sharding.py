@@ -142,6 +142,14 @@ def batch_sharding(mesh: Mesh, ndim: int, rules: Rules = DEFAULT_RULES, batch_di
     return NamedSharding(mesh, logical_to_spec(names, None, mesh, rules))
 
 
+def batch_parts(mesh: Mesh, rules: Rules) -> int:
+    """How many ways the global batch is split (the product of the mesh axes `act_batch` maps to)."""
+    spec = batch_sharding(mesh, 2, rules).spec
+    axes = spec[0] if len(spec) else None
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    return int(math.prod([mesh.shape[a] for a in axes])) if axes else 1
+
+
 def rules_from_config(overrides: Sequence[Sequence] | None) -> tuple[tuple[str, MeshAxes], ...]:
     """Config rules (a list of [logical, axes]) come first, then the defaults they did not override."""
     if not overrides:

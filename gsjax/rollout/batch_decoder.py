@@ -30,6 +30,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gsjax.models.qwen3_vl.model import DecodeCache, Qwen3VL
 from gsjax.models.qwen3_vl.text import LayerCache
+from gsjax.parallel.multihost import place_vision
 from gsjax.parallel.sharding import (
     DEFAULT_RULES,
     Rules,
@@ -158,7 +159,7 @@ class BatchDecoder:
         return contextlib.nullcontext() if self.mesh is None else logical_sharding(self.mesh, self.rules)
 
     def _put_batch(self, batch: PrefillBatch) -> PrefillBatch:
-        """Host prefill arrays onto the mesh: rows split over the batch axes, image rows replicated."""
+        """Host prefill arrays onto the mesh: rows and image patch rows split over the batch axes."""
         if self.mesh is None:
             return batch
         mesh, rules = self.mesh, self.rules
@@ -166,8 +167,7 @@ class BatchDecoder:
                                                                                  rules))
                   for f in dataclasses.fields(batch) if f.name not in ("positions", "vision")}
         placed["positions"] = jax.device_put(batch.positions, batch_sharding(mesh, 3, rules, batch_dim=1))
-        placed["vision"] = (None if batch.vision is None
-                            else jax.device_put(batch.vision, NamedSharding(mesh, PartitionSpec())))
+        placed["vision"] = None if batch.vision is None else place_vision(batch.vision, mesh, rules)
         return PrefillBatch(**placed)
 
     # ---------------------------------------------------------------- pure functions

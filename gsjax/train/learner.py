@@ -13,14 +13,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from gsjax.models.qwen3_vl.vision import VisionInputs
-from gsjax.parallel.multihost import global_batch_array, global_vision, process_order
-from gsjax.parallel.sharding import Rules, batch_sharding, logical_sharding
+from gsjax.parallel.multihost import global_batch_array, global_vision, place_vision, process_order
+from gsjax.parallel.sharding import Rules, batch_parts, batch_sharding, logical_sharding
 
 from .model_loss import Batch, LossFn, sft_loss
 from .state import ShardedSetup, TrainState
@@ -36,14 +35,6 @@ def device_batch(batch: Batch) -> dict[str, Any]:
     out["vision"] = None if vision is None else (vision if isinstance(vision, VisionInputs)
                                                  else VisionInputs(**vision))
     return out
-
-
-def batch_parts(mesh: Mesh, rules: Rules) -> int:
-    """How many ways the global batch is split (the product of the mesh axes `act_batch` maps to)."""
-    spec = batch_sharding(mesh, 2, rules).spec
-    axes = spec[0] if len(spec) else None
-    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-    return int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
 
 
 def check_batch_size(global_batch: int, mesh: Mesh, rules: Rules) -> None:
@@ -108,7 +99,8 @@ class Learner:
     # ---------------------------------------------------------------- host API
     def shard_batch(self, batch: Batch) -> dict[str, Any]:
         """Place this host's batch on the mesh: token arrays split over the batch axes (each host's rows are
-        its block of the global batch), vision rows replicated (every host's images, in global row order)."""
+        its block of the global batch); vision rows (every host's images, in global row order) split over the
+        same axes."""
         mesh, rules = self.setup.mesh, self.setup.rules
         batch = device_batch(batch)
         if jax.process_count() > 1:  # K is chosen per host: the full-length head keeps global shapes equal
@@ -121,8 +113,7 @@ class Learner:
         if vision is not None and jax.process_count() > 1:
             order = process_order(out["input_ids"].sharding, out["input_ids"].shape)
             vision = global_vision(vision, order)
-        replicated = NamedSharding(mesh, PartitionSpec())
-        out["vision"] = None if vision is None else jax.tree.map(lambda v: global_batch_array(v, replicated), vision)
+        out["vision"] = None if vision is None else place_vision(vision, mesh, rules)
         return out
 
     def step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:

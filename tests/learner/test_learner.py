@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from gsjax.models.qwen3_vl import reference as R
 from gsjax.models.qwen3_vl.config import preset
@@ -31,20 +32,22 @@ def tiny_config(moe: bool = False):
                                video_token_id=201, vision_start_token_id=202, vision_end_token_id=203)
 
 
-def make_batch(config, rows: int, seed: int = 0, length: int = 24) -> dict:
-    """Rows of random text; row 0 carries an image; the last 40 % of each row is the 'assistant' part."""
+def make_batch(config, rows: int, seed: int = 0, length: int = 24, image_rows: int = 1,
+               grids: list[tuple[int, int, int]] = GRIDS) -> dict:
+    """Rows of random text; the first `image_rows` rows carry an image each; the last 40 % of each row is the
+    'assistant' part."""
     rng = np.random.default_rng(seed)
     ids = rng.integers(0, 190, size=(rows, length))
-    img = R.image_prompt(GRIDS, 200, 202, 203, text_ids=(5, 6, 7))
-    ids[0, 2:2 + img.size] = img
+    img = R.image_prompt(grids, 200, 202, 203, text_ids=(5, 6, 7))
+    ids[:image_rows, 2:2 + img.size] = img
     mask = np.ones_like(ids, dtype=bool)
     mask[-1, -3:] = False  # right padding in the last row
     ids[-1, -3:] = 0
     assistant = np.zeros_like(ids, dtype=bool)
     assistant[:, int(length * 0.6):] = True
     assistant &= mask
-    pv = R.random_pixels(GRIDS, config.vision.patch_dim, seed)
-    inp = prepare_inputs(config, ids, mask, pv, np.asarray(GRIDS))
+    pv = R.random_pixels(grids * image_rows, config.vision.patch_dim, seed)
+    inp = prepare_inputs(config, ids, mask, pv, np.asarray(grids * image_rows))
     targets = np.concatenate([ids[:, 1:], np.zeros((rows, 1), ids.dtype)], axis=1).astype(np.int32)
     target_mask = np.concatenate([assistant[:, 1:], np.zeros((rows, 1), bool)], axis=1).astype(np.float32)
     return {"input_ids": inp["input_ids"], "attention_mask": mask, "positions": inp["positions"],
@@ -109,6 +112,38 @@ def test_sharded_steps_match_one_device(moe, layout):
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
     assert _max_diff(params, ref_params) < 2e-5
     assert ref_losses[1] < ref_losses[0]
+
+
+@NEEDS_8
+def test_vision_rows_are_split_over_the_batch_devices_and_the_step_is_unchanged():
+    """8 images of 8x8 patches (512 rows) on fsdp=8: each device holds and encodes 64 rows, and the compiled
+    step does less work per device than with every image on every device. One image of 24 rows is padded to
+    4 rows per device. Two steps on these batches (vision trained) equal the 1-device run."""
+    config = tiny_config()
+    batch = make_batch(config, 8, length=40, image_rows=8, grids=[(1, 8, 8)])
+    learner, state = make_learner(config, MeshConfig(fsdp=8), freeze=())
+    placed = learner.shard_batch(batch)
+    pixels = placed["vision"].pixel_values
+    assert pixels.shape[0] == 512 and {s.data.shape[0] for s in pixels.addressable_shards} == {64}
+    replicated = NamedSharding(learner.setup.mesh, PartitionSpec())
+    everywhere = {**placed, "vision": jax.tree.map(lambda a: jax.device_put(a, replicated), placed["vision"])}
+    flops = [learner._step.lower(state, b).compile().cost_analysis()["flops"] for b in (everywhere, placed)]
+    assert flops[1] < 0.8 * flops[0], flops
+
+    odd = make_batch(config, 8, length=40, image_rows=1, grids=[(1, 4, 6)])  # 24 rows: padded to 4 per device
+    assert {s.data.shape[0] for s in learner.shard_batch(odd)["vision"].pixel_values.addressable_shards} == {4}
+
+    runs = []
+    for mesh_cfg in (MeshConfig(fsdp=1), MeshConfig(fsdp=8)):
+        learner, state = make_learner(config, mesh_cfg, freeze=())
+        losses = []
+        for b in (batch, odd):
+            state, metrics = learner.step(state, b)
+            losses.append(float(metrics["loss"]))
+        runs.append((losses, _host(state["params"])))
+    np.testing.assert_allclose(runs[1][0], runs[0][0], rtol=1e-5)
+    assert _max_diff(runs[1][1]["visual"], runs[0][1]["visual"]) < 2e-5
+    assert _max_diff(runs[1][1], runs[0][1]) < 2e-5
 
 
 def test_accumulation_equals_one_big_batch():

@@ -102,6 +102,12 @@ def longest_segment(segment_ids: jax.Array) -> jax.Array:
     return jnp.max(counts)
 
 
+def pad_vision(inputs: VisionInputs, rows: int) -> VisionInputs:
+    """`inputs` with padding rows (their own segment, -1; never gathered) appended up to `rows`."""
+    arrays = {name: np.asarray(getattr(inputs, name)) for name in VisionInputs.__dataclass_fields__}
+    return VisionInputs(**_pad_rows(arrays, rows))
+
+
 def _pad_rows(arrays: dict[str, np.ndarray], pad_to: int) -> dict[str, np.ndarray]:
     total = arrays["pixel_values"].shape[0]
     if pad_to < total or pad_to % 4:
