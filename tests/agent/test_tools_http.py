@@ -99,8 +99,11 @@ def test_image_search_downloads_verifies_and_reencodes(web: FakeWeb, tools_cfg: 
         assert h.page_url.startswith("https://pages.example/")
     req = next(x for x in web.log if x["route"] == "images")
     assert req["body"] == {"q": "eiffel", "num": 10}
-    dl = next(x for x in web.log if x["route"] == "img")
-    assert dl["headers"]["Referer"] == "https://pages.example/0" and "Mozilla" in dl["headers"]["User-Agent"]
+    # downloads run concurrently, so the log's order is not the hits' order: each carries its own page
+    downloads = {x["path"]: x["headers"] for x in web.log if x["route"] == "img"}
+    for i in range(3):
+        headers = downloads[f"/img/p{i}.jpg"]
+        assert headers["Referer"] == f"https://pages.example/{i}" and "Mozilla" in headers["User-Agent"]
 
 
 def test_image_search_rejects_bad_candidates_and_says_why(web: FakeWeb, tmp_path: Path) -> None:
