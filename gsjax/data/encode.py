@@ -20,6 +20,7 @@ from gsjax.data.config import SFTDataConfig
 from gsjax.data.images import grid_of_size, load_sft_image, read_image_size
 from gsjax.data.records import ChatRecord, to_chat
 from gsjax.data.skips import BAD_IMAGE, ENCODE_ERROR, TOO_LONG, BadRecord
+from gsjax.models.qwen3_vl.vision import check_frame_rows
 from gsjax.processing.chat import encode_chat
 from gsjax.processing.images import ImageProcessorConfig
 from gsjax.processing.template import chat_template, render_chat
@@ -105,10 +106,11 @@ def _check_length(length: int, cutoff_len: int) -> None:
 
 def _check_frames(paths: Sequence[Path], grids: Any, max_frame_rows: int) -> None:
     """A frame the vision tower's banded attention cannot hold makes the record unusable (counted, skipped)."""
-    for path, (_, h, w) in zip(paths, np.asarray(grids).reshape(-1, 3).tolist() if len(grids) else []):
-        if max_frame_rows and h * w > max_frame_rows:
-            raise BadRecord(BAD_IMAGE, f"image {path} becomes {h}x{w} patches, more than the model's "
-                                       f"vision_max_frame_rows={max_frame_rows}")
+    for path, grid in zip(paths, np.asarray(grids, dtype=np.int64).reshape(-1, 3)):
+        try:
+            check_frame_rows(grid, max_frame_rows)
+        except ValueError as exc:
+            raise BadRecord(BAD_IMAGE, f"{path}: {exc}") from exc
 
 
 def measure_record(record: Any, ctx: EncodeContext) -> RecordInfo:
