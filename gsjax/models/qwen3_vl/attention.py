@@ -141,7 +141,8 @@ def _banded_segments(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.
         return jnp.pad(x, widths, constant_values=fill)
 
     def bands(x: jax.Array) -> jax.Array:
-        """(B, blocks + 2 blocks of padding..., ...) -> (B·blocks, 3·block, ...): block i with its neighbours."""
+        """(B, (blocks + 2)·block, ...), one block of padding on each side -> (B·blocks, 3·block, ...): each
+        block with its two neighbours."""
         tiles = x.reshape(batch, blocks + 2, block, *x.shape[2:])
         band = jnp.concatenate([tiles[:, :-2], tiles[:, 1:-1], tiles[:, 2:]], axis=2)
         return band.reshape(batch * blocks, 3 * block, *x.shape[2:])
