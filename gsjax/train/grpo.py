@@ -50,7 +50,7 @@ from .grpo_learner import RLLearner, with_old_logprobs
 from .grpo_metrics import group_metrics, summary_metrics
 from .grpo_rewards import RolloutRewarder, make_episode_rewarder
 from .grpo_toy import ToyEnvironment
-from .guards import check_finite
+from .guards import CHECKED, check_finite
 from .learner import batch_parts
 from .losses import combine_metric_stats, finalize_metrics
 from .metrics import MetricsLogger, throughput
@@ -305,7 +305,7 @@ def grpo_step(ctx: StepContext, state: TrainState, prompts: Sequence[Any], step:
     if trained:  # every host takes part in the update, with padding rows if it has no sample of its own
         state, update, too_long = update_policy(ctx, state, samples)
         # before the weights reach the engine or a checkpoint
-        check_finite(step + 1, {k: update[f"update/{k}"] for k in ("loss", "grad_norm")})
+        check_finite(step + 1, {k: update[f"update/{k}"] for k in CHECKED})
         excluded = excluded.merge(too_long)
         metrics.update(update)
         jax.block_until_ready(state["params"])

@@ -7,6 +7,9 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
+CHECKED = ("loss", "grad_norm")
+"""The figures of an update that must be finite."""
+
 
 class NonFiniteTraining(RuntimeError):
     """The update at `step` produced a non-finite loss or gradient norm; nothing from it was saved."""
@@ -20,7 +23,7 @@ class NonFiniteTraining(RuntimeError):
                          f"lower the learning rate, then resume")
 
 
-def check_finite(step: int, metrics: Mapping[str, float], keys: tuple[str, ...] = ("loss", "grad_norm"),
+def check_finite(step: int, metrics: Mapping[str, float], keys: tuple[str, ...] = CHECKED,
                  last_checkpoint: int | None = None) -> None:
     """Raise `NonFiniteTraining` if any of `keys` present in `metrics` is NaN or infinite."""
     bad = {k: float(metrics[k]) for k in keys if k in metrics and not math.isfinite(float(metrics[k]))}

@@ -33,7 +33,7 @@ from gsjax.processing.tokenizer import load_tokenizer
 
 from .checkpointing import Checkpointer, abstract_train_state
 from .config import SFTConfig, SFTConfigError, check_freeze
-from .guards import check_finite
+from .guards import CHECKED, check_finite
 from .learner import Learner, check_batch_size
 from .metrics import MetricsLogger, StepTimer
 from .model_loss import make_sft_loss
@@ -159,8 +159,9 @@ def run_sft(cfg: SFTConfig, *, progress: bool = True, console: Console | None = 
                     last["mfu"] = speed.mfu
                 logger.log(done, last)
                 check_finite(done, last, last_checkpoint=ckpt.latest_step())
-            elif ckpt.should_save(done) or done == end:  # never write a NaN state: read the step's figures first
-                check_finite(done, _host_metrics({k: metrics[k] for k in ("loss", "grad_norm")}),
+            elif ckpt.should_save(done):  # never write a NaN state: read the step's figures first (the last
+                # step is always logged above)
+                check_finite(done, _host_metrics({k: metrics[k] for k in CHECKED}),
                              last_checkpoint=ckpt.latest_step())
             ckpt.save(done, state, loader.get_state())
         ckpt.save(end, state, loader.get_state(), force=True)
