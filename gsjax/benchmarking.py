@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,8 +27,28 @@ WORKLOADS: dict[str, dict] = {
 NOMINAL_BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
+CACHE_ENV = "GSJAX_BENCH_CACHE"
+
+
 def build_checkpoint(workload: str, directory: Path, dtype: str = "float32") -> Path:
-    """A random HF Qwen3-VL checkpoint with the workload's text decoder and a one-block vision tower."""
+    """A random HF Qwen3-VL checkpoint with the workload's text decoder and a one-block vision tower.
+
+    With $GSJAX_BENCH_CACHE set, the checkpoint lives in `$GSJAX_BENCH_CACHE/<workload>-<dtype>` instead of
+    `directory` and later benchmarks reuse it: an 8B-shaped one takes a minute to build, which a device
+    lease should spend once. It is written to a temporary name and renamed, so a killed build is redone."""
+    cache = os.environ.get(CACHE_ENV)
+    if cache:
+        final = Path(cache) / f"{workload}-{dtype}"
+        if not (final / "config.json").is_file():
+            partial = final.with_name(final.name + ".partial")
+            shutil.rmtree(partial, ignore_errors=True)
+            _build(workload, partial, dtype)
+            partial.rename(final)
+        return final
+    return _build(workload, directory, dtype)
+
+
+def _build(workload: str, directory: Path, dtype: str) -> Path:
     from gsjax.models.qwen3_vl import reference as R
 
     text = {**WORKLOADS[workload], "max_position_embeddings": 262144}

@@ -6,7 +6,9 @@ compile the sampler and learner programs) are reported apart and left out of the
 
   CPU:  XLA_FLAGS=--xla_force_host_platform_device_count=8 python scripts/bench_grpo.py
   toy:  python scripts/bench_grpo.py --toy            (single-turn toy task on a vocab-256 model)
-  GPU:  python scripts/bench_grpo.py --config configs/grpo_qwen3vl_8b_gpu.yaml --steps 3 model.hf_dir=...
+  GPU:  python scripts/bench_grpo.py --workload 8b-8layers     (the tiny recipe's agent episodes on a random
+        8B-shaped decoder: bf16 compute, fp32 master weights, MFU against the device's nominal peak)
+  GPU, real recipe:  python scripts/bench_grpo.py --config configs/grpo_qwen3vl_8b_gpu.yaml model.hf_dir=...
 """
 
 from __future__ import annotations
@@ -34,6 +36,19 @@ def toy_overrides(tmp: Path) -> list[str]:
             "optim.lr=1e-2"]
 
 
+def workload_overrides(workload: str, tmp: Path, device_kind: str) -> list[str]:
+    """A random checkpoint of a benchmark workload (Qwen's vocabulary, so the agent's prompts fit) run as
+    the GPU recipe runs it: bf16 compute over fp32 master weights, MFU against the nominal peak."""
+    from gsjax.benchmarking import WORKLOADS, build_checkpoint, peak_flops
+
+    if WORKLOADS[workload]["vocab_size"] < 151936:
+        raise SystemExit(f"--workload {workload}: the agent needs Qwen's 151936-entry vocabulary")
+    hf = build_checkpoint(workload, tmp / "workload_hf", "bfloat16")
+    peak = peak_flops(device_kind, None)
+    return [f"model.hf_dir={hf}", "model.dtype=bfloat16", "model.param_dtype=float32",
+            *([f"train.peak_flops_per_device={peak}"] if peak else [])]
+
+
 def summarise(history: list[dict[str, float]], warmup: int) -> dict[str, object]:
     timed = history[warmup:] or history[-1:]
     mean = lambda key: float(np.mean([m.get(key, 0.0) for m in timed]))  # noqa: E731
@@ -57,6 +72,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="GRPO steps in all, warm-up included")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--toy", action="store_true", help="the single-turn toy task instead of the agent")
+    parser.add_argument("--workload", default=None, help="a scripts benchmark workload instead of the config's model")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = parser.parse_args()
 
@@ -70,12 +86,14 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         extra = toy_overrides(Path(tmp)) if args.toy else []
+        if args.workload:
+            extra += workload_overrides(args.workload, Path(tmp), str(jax.devices()[0].device_kind))
         cfg = load_grpo_config(args.config, [*extra, f"train.steps={args.steps}", "train.epochs=null",
                                              f"train.out_dir={Path(tmp) / 'run'}", "train.checkpoint_every=100000",
                                              "train.export_hf_at_end=false", "train.tensorboard=false",
                                              *args.overrides])
         result = run_grpo(cfg, progress=False)
-    record = {"bench": "grpo_step", "config": Path(args.config).name, "env": cfg.env.kind,
+    record = {"bench": "grpo_step", "config": Path(args.config).name, "workload": args.workload, "env": cfg.env.kind,
               "engine": cfg.rollout.engine, "group_size": cfg.rollout.group_size,
               "prompts_per_step": cfg.rollout.prompts_per_step, "devices": jax.device_count(),
               "device": str(jax.devices()[0].device_kind), "cpu_count": os.cpu_count(),

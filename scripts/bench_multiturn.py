@@ -73,6 +73,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workload", choices=sorted(WORKLOADS), default="cpu-small")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--attention", default="auto", help="prefill attention kernel: auto|xla|chunked|cudnn")
     parser.add_argument("--episodes", type=int, default=8)
     parser.add_argument("--turns", type=int, default=4)
     parser.add_argument("--first-prompt", type=int, default=256)
@@ -89,12 +90,13 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = build_checkpoint(args.workload, Path(tmp) / "ckpt", args.dtype)
-        model = load_hf(ckpt, runtime=RuntimeConfig(param_dtype=args.dtype, dtype=args.dtype))
+        model = load_hf(ckpt, runtime=RuntimeConfig(param_dtype=args.dtype, dtype=args.dtype,
+                                                       attention_impl=args.attention))
     vocab = min(model.config.text.vocab_size, 4000)  # below the image/vision special ids
     reuse, reuse_tokens = measure(model, args, True, vocab)
     plain, plain_tokens = measure(model, args, False, vocab)
     agreement = float(np.mean(np.asarray(reuse_tokens) == np.asarray(plain_tokens)))
-    print(json.dumps({"bench": "multiturn", "workload": args.workload, "dtype": args.dtype,
+    print(json.dumps({"bench": "multiturn", "workload": args.workload, "dtype": args.dtype, "attention": args.attention,
                       "device": str(jax.devices()[0].device_kind), "cpu_count": os.cpu_count(),
                       "episodes": args.episodes, "turns": args.turns, "first_prompt": args.first_prompt,
                       "append": args.append, "new_tokens": args.new_tokens, "reuse": reuse, "no_reuse": plain,

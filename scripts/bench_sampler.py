@@ -155,6 +155,7 @@ def main() -> None:
     parser.add_argument("--max-total-len", type=int, default=4096,
                         help="the sampler's KV cache length per slot, prompt + output (SamplerConfig's default)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--attention", default="auto", help="prefill attention kernel: auto|xla|chunked|cudnn")
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=-1)
@@ -174,7 +175,8 @@ def main() -> None:
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = build_checkpoint(args.workload, Path(tmp) / "ckpt", args.dtype)
-        model = load_hf(ckpt, runtime=RuntimeConfig(param_dtype=args.dtype, dtype=args.dtype))
+        model = load_hf(ckpt, runtime=RuntimeConfig(param_dtype=args.dtype, dtype=args.dtype,
+                                                       attention_impl=args.attention))
         hf_model, device = None, "cpu"
         if not args.skip_torch:
             import torch
@@ -197,7 +199,8 @@ def main() -> None:
         sync_config = SamplerConfig(max_slots=1, max_total_len=max(prompt_lens) + args.new_tokens)
         sync = bench_weight_sync(model, sync_config, Path(tmp) / "sync")
     ratios = [r["ratio"] for r in runs if "ratio" in r and r["batch"] == 16]
-    result = {"bench": "sampler", "workload": args.workload, "dtype": args.dtype, "new_tokens": args.new_tokens,
+    result = {"bench": "sampler", "workload": args.workload, "dtype": args.dtype, "attention": args.attention,
+              "new_tokens": args.new_tokens,
               "max_total_len": args.max_total_len,
               "sampling": sampling_kwargs(args), "device": str(jax.devices()[0].device_kind),
               "torch_device": device, "cpu_count": os.cpu_count(), "runs": runs,

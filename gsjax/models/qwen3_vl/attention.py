@@ -84,7 +84,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask, *, imp
            chunk: int = 128) -> jax.Array:
     """softmax(q·kᵀ/√d + mask)·v with fp32 logits and softmax; q (B,T,N,H), k/v (B,S,K,H), N % K == 0."""
     impl = resolve_impl(impl)
-    if impl == "cudnn" and mask.kind == "causal" and q.dtype in (jnp.bfloat16, jnp.float16):
+    if impl == "cudnn" and mask.kind == "causal" and q.dtype in (jnp.bfloat16, jnp.float16) \
+            and q.shape[1] == k.shape[1]:
         return _cudnn_causal(q, k, v, mask)
     if impl == "chunked" and mask.kind == "causal" and q.shape[1] > chunk:
         return _chunked_causal(q, k, v, mask, chunk)
@@ -97,9 +98,22 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask, *, imp
 
 
 def _cudnn_causal(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask) -> jax.Array:
-    """cuDNN flash attention (GPU, half precision): causal, with key padding as an explicit mask."""
-    key_mask = None if mask.kv_valid is None else mask.kv_valid[:, None, None, :]
-    return jax.nn.dot_product_attention(q, k, v, mask=key_mask, is_causal=True, implementation="cudnn")
+    """cuDNN flash attention (GPU, half precision): causal self-attention over right-padded rows.
+
+    cuDNN takes padding as per-row lengths, not as a key mask (a (B,1,1,S) mask becomes a bias it refuses), so
+    each row's valid keys must be a prefix, as every batch and prefill here builds them. A row whose mask is
+    not a prefix comes out NaN (caught by the non-finite guards) rather than silently attending wrongly. A
+    fully padded row gets length 1, so it stays finite (its outputs are never read).
+    """
+    if mask.kv_valid is None:
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+    valid = mask.kv_valid
+    lengths = valid.sum(axis=-1, dtype=jnp.int32)
+    prefix = jnp.all(valid == (jnp.arange(valid.shape[1])[None, :] < lengths[:, None]), axis=-1)
+    lengths = jnp.maximum(lengths, 1)
+    out = jax.nn.dot_product_attention(q, k, v, is_causal=True, query_seq_lengths=lengths,
+                                       key_value_seq_lengths=lengths, implementation="cudnn")
+    return jnp.where(prefix[:, None, None, None], out, jnp.nan).astype(out.dtype)
 
 
 def _chunked_causal(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask, chunk: int) -> jax.Array:
