@@ -4,10 +4,12 @@ load, a step timer and nominal accelerator peaks for MFU. Benchmarks print JSON;
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -28,36 +30,59 @@ NOMINAL_BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
 CACHE_ENV = "GSJAX_BENCH_CACHE"
+PROMPT_VOCAB = 4000  # benchmark prompts draw ids below this: text in every workload's vocabulary
+QWEN_VISION_IDS = {"image_token_id": 151655, "video_token_id": 151656, "vision_start_token_id": 151652,
+                   "vision_end_token_id": 151653}
 
 
 def build_checkpoint(workload: str, directory: Path, dtype: str = "float32") -> Path:
     """A random HF Qwen3-VL checkpoint with the workload's text decoder and a one-block vision tower.
 
-    With $GSJAX_BENCH_CACHE set, the checkpoint lives in `$GSJAX_BENCH_CACHE/<workload>-<dtype>` instead of
-    `directory` and later benchmarks reuse it: an 8B-shaped one takes a minute to build, which a device
-    lease should spend once. It is written to a temporary name and renamed, so a killed build is redone."""
+    With $GSJAX_BENCH_CACHE set, the checkpoint lives in `$GSJAX_BENCH_CACHE/<workload>-<dtype>-<hash of its
+    configs>` instead of `directory`, and later benchmarks reuse it: an 8B-shaped one takes a minute to build,
+    which a device lease should spend once. The hash covers everything the build reads, so a changed workload
+    never reuses a stale checkpoint; it is written to a temporary name and renamed, so a killed build is redone.
+    """
+    spec = checkpoint_spec(workload, dtype)
     cache = os.environ.get(CACHE_ENV)
-    if cache:
-        final = Path(cache) / f"{workload}-{dtype}"
-        if not (final / "config.json").is_file():
-            partial = final.with_name(final.name + ".partial")
-            shutil.rmtree(partial, ignore_errors=True)
-            _build(workload, partial, dtype)
-            partial.rename(final)
-        return final
-    return _build(workload, directory, dtype)
+    if not cache:
+        return _build(spec, directory)
+    digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+    final = Path(cache) / f"{workload}-{dtype}-{digest}"
+    if not (final / "config.json").is_file():
+        partial = final.with_name(final.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        _build(spec, partial)
+        partial.rename(final)
+    return final
 
 
-def _build(workload: str, directory: Path, dtype: str) -> Path:
-    from gsjax.models.qwen3_vl import reference as R
-
+def checkpoint_spec(workload: str, dtype: str) -> dict:
+    """What `build_checkpoint` builds: text and vision configs, special ids, dtype (JSON-able)."""
     text = {**WORKLOADS[workload], "max_position_embeddings": 262144}
     vision = {"depth": 1, "hidden_size": 32, "intermediate_size": 64, "num_heads": 4, "patch_size": 16,
               "out_hidden_size": text["hidden_size"], "num_position_embeddings": 64,
               "deepstack_visual_indexes": [0]}
-    ids = {} if text["vocab_size"] > 151656 else {"image_token_id": 4000, "video_token_id": 4001,
-                                                  "vision_start_token_id": 4002, "vision_end_token_id": 4003}
-    return R.build_tiny_hf(directory, text=text, vision=vision, ids=ids, dtype=dtype)
+    # Qwen's own vision ids in Qwen's vocabulary (the agent's prompts use them), else ids above PROMPT_VOCAB
+    ids = QWEN_VISION_IDS if text["vocab_size"] > 151656 else {
+        "image_token_id": PROMPT_VOCAB, "video_token_id": PROMPT_VOCAB + 1,
+        "vision_start_token_id": PROMPT_VOCAB + 2, "vision_end_token_id": PROMPT_VOCAB + 3}
+    return {"text": text, "vision": vision, "ids": ids, "dtype": dtype}
+
+
+def _build(spec: dict, directory: Path) -> Path:
+    from gsjax.models.qwen3_vl import reference as R
+
+    return R.build_tiny_hf(directory, text=spec["text"], vision=spec["vision"], ids=spec["ids"],
+                           dtype=spec["dtype"])
+
+
+def text_only(config, ids: Sequence[int]) -> list[int]:
+    """`ids` with any vision placeholder id (which a random model may sample) replaced by 0, so that feeding
+    a model's output back as a prompt never asks for images that are not there."""
+    vision = {config.image_token_id, config.video_token_id, config.vision_start_token_id,
+              config.vision_end_token_id}
+    return [0 if int(t) in vision else int(t) for t in ids]
 
 
 def time_steps(step: Callable[[], object], warmup: int, steps: int) -> float:
@@ -94,7 +119,7 @@ def training_bench_parser(description: str, dtype_help: str) -> argparse.Argumen
 
 def random_token_ids(config, batch: int, seq: int, seed: int = 0) -> np.ndarray:
     """Text token ids below the special/vision ids of the workloads' vocabularies."""
-    vocab = min(config.text.vocab_size, 4000)
+    vocab = min(config.text.vocab_size, PROMPT_VOCAB)
     return np.random.default_rng(seed).integers(0, vocab, size=(batch, seq))
 
 

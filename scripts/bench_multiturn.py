@@ -25,15 +25,16 @@ from pathlib import Path
 
 import numpy as np
 
-from gsjax.benchmarking import WORKLOADS, build_checkpoint
+from gsjax.benchmarking import PROMPT_VOCAB, WORKLOADS, build_checkpoint, text_only
 
 
-def run_episodes(sampler, args: argparse.Namespace, vocab: int, seed: int) -> tuple[float, list[list[int]]]:
+def run_episodes(sampler, args: argparse.Namespace, seed: int) -> tuple[float, list[list[int]]]:
     """All episodes' turns, one batch per turn; returns the seconds and every episode's sampled ids. Each
     `seed` gives new first prompts, so a run's first turn never reuses an earlier run's prefixes."""
     from gsjax.rollout.engine import GenerationRequest, SamplingParams
 
     rng = np.random.default_rng(seed)
+    vocab = min(sampler.model_config.text.vocab_size, PROMPT_VOCAB)
     params = SamplingParams(max_tokens=args.new_tokens, temperature=0.0)
     histories = [list(rng.integers(0, vocab, args.first_prompt)) for _ in range(args.episodes)]
     sampled: list[list[int]] = [[] for _ in range(args.episodes)]
@@ -43,22 +44,23 @@ def run_episodes(sampler, args: argparse.Namespace, vocab: int, seed: int) -> tu
                     for i, h in enumerate(histories)]
         for i, result in enumerate(sampler.generate_batch(requests)):
             sampled[i] += result.output_ids
-            histories[i] += list(result.output_ids) + list(rng.integers(0, vocab, args.append))
+            tool_response = list(rng.integers(0, vocab, args.append))
+            histories[i] += text_only(sampler.model_config, result.output_ids) + tool_response
     return time.perf_counter() - start, sampled
 
 
-def measure(model, args: argparse.Namespace, reuse: bool, vocab: int) -> tuple[dict, list[list[int]]]:
+def measure(model, args: argparse.Namespace, reuse: bool) -> tuple[dict, list[list[int]]]:
     from gsjax.rollout.jax_sampler import JaxSampler, SamplerConfig, SamplerStats
 
     total = args.first_prompt + args.turns * (args.new_tokens + args.append)
     config = SamplerConfig(max_slots=args.episodes, max_total_len=total, min_prefill_bucket=args.min_bucket,
                            max_prefill_tokens=args.episodes * total, prefix_reuse=reuse)
     with JaxSampler(model, config) as sampler:
-        warm_s, _ = run_episodes(sampler, args, vocab, seed=args.repeats)
+        warm_s, _ = run_episodes(sampler, args, seed=args.repeats)
         best, tokens, stats = float("inf"), [], SamplerStats()
         for repeat in range(args.repeats):
             sampler.stats = SamplerStats()
-            seconds, sampled = run_episodes(sampler, args, vocab, seed=repeat)
+            seconds, sampled = run_episodes(sampler, args, seed=repeat)
             tokens += sampled
             if seconds < best:
                 best, stats = seconds, sampler.stats
@@ -92,9 +94,8 @@ def main() -> None:
         ckpt = build_checkpoint(args.workload, Path(tmp) / "ckpt", args.dtype)
         model = load_hf(ckpt, runtime=RuntimeConfig(param_dtype=args.dtype, dtype=args.dtype,
                                                        attention_impl=args.attention))
-    vocab = min(model.config.text.vocab_size, 4000)  # below the image/vision special ids
-    reuse, reuse_tokens = measure(model, args, True, vocab)
-    plain, plain_tokens = measure(model, args, False, vocab)
+    reuse, reuse_tokens = measure(model, args, True)
+    plain, plain_tokens = measure(model, args, False)
     agreement = float(np.mean(np.asarray(reuse_tokens) == np.asarray(plain_tokens)))
     print(json.dumps({"bench": "multiturn", "workload": args.workload, "dtype": args.dtype, "attention": args.attention,
                       "device": str(jax.devices()[0].device_kind), "cpu_count": os.cpu_count(),

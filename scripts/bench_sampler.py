@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gsjax.benchmarking import WORKLOADS, build_checkpoint
+from gsjax.benchmarking import WORKLOADS, build_checkpoint, random_token_ids
 
 
 def sampling_kwargs(args: argparse.Namespace) -> dict:
@@ -183,10 +183,9 @@ def main() -> None:
 
             device = "cuda" if torch.cuda.is_available() else "cpu"
             hf_model = R.load_hf_model(ckpt, dtype=args.dtype, attention="sdpa").to(device)
-        vocab = min(model.config.text.vocab_size, 4000)  # below the image/vision special ids
         for length in prompt_lens:
             for batch in batches:
-                prompts = np.random.default_rng(length * 1000 + batch).integers(0, vocab, (batch, length))
+                prompts = random_token_ids(model.config, batch, length, seed=length * 1000 + batch)
                 sides = {"gsjax": Ours(model, prompts, args)}
                 if hf_model is not None:
                     sides["torch"] = Theirs(hf_model, prompts, args, device)

@@ -45,14 +45,14 @@ build=$!
 
 # The accelerator-only tests (cuDNN attention against XLA; the real-SGLang test skips without sglang). If the
 # cuDNN kernel fails them, the benchmarks run on the XLA kernel instead and say so.
-timeout 100 $PY -m pytest -q -p no:cacheprovider -m gpu tests/models/test_gpu_kernels.py \
+[ -n "${SKIP_TESTS:-}" ] || timeout 100 $PY -m pytest -q -p no:cacheprovider -m gpu tests/models/test_gpu_kernels.py \
   tests/rollout/test_sglang_launcher.py -rs > "$RESULTS/gpu_tests.log" 2>&1
 gpu_tests=$?
 ATT=auto; [ "$gpu_tests" = 0 ] || ATT=xla
 echo "gpu tests: rc=$gpu_tests attention=$ATT"; tail -4 "$RESULTS/gpu_tests.log"
 { cat "$RESULTS/versions.txt"; echo "=== gpu tests rc=$gpu_tests"; tail -n 80 "$RESULTS/gpu_tests.log"; } >> "$SUMMARY/all.log"
 
-bench vision "${BUDGET_VISION:-50}" $PY scripts/bench_vision_attention.py --preset ${VISION_PRESET:-8b} --depth 4 --dtype bfloat16 \
+[ -n "${SKIP_VISION:-}" ] || bench vision "${BUDGET_VISION:-50}" $PY scripts/bench_vision_attention.py --preset ${VISION_PRESET:-8b} --depth 4 --dtype bfloat16 \
   --frames 8 --grid 32x32
 wait $build; echo "checkpoint: rc=$? $(tail -1 "$RESULTS/checkpoint.log")"
 
