@@ -61,6 +61,7 @@ def summarise(history: list[dict[str, float]], warmup: int) -> dict[str, object]
             "trained_tokens_per_s": trained / update_s if update_s > 0 else 0.0,
             "trained_tokens_per_step": trained / len(timed),
             "rollout_sampled_tokens_per_s": sampled / rollout_s if rollout_s > 0 else 0.0,
+            "rollout_compiled_programs": [m.get("rollout/compiled_programs") for m in history],
             "rollouts_per_step": mean("rollouts"), "episode_tokens_mean": mean("episode/tokens_mean"),
             "reward_mean": [m.get("reward/total_mean") for m in history], "timed_steps": len(timed),
             "mfu": mean("mfu") if any("mfu" in m for m in timed) else None}

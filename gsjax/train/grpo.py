@@ -233,11 +233,14 @@ class StepContext:
 
 def prefill_counters(engine: RolloutEngine) -> dict[str, float]:
     """Prompt tokens the embedded sampler prefilled and took from retained prefixes so far (multi-turn
-    episodes reuse their history); empty for engines that do not count them."""
+    episodes reuse their history), and the programs it has compiled (a step whose delta is not 0 spent part
+    of its rollout time compiling); empty for engines that do not count them."""
     stats = getattr(engine, "stats", None)
     if stats is None:
         return {}
-    return {"prefill_tokens": float(stats.prefill_tokens), "reused_prompt_tokens": float(stats.reused_tokens)}
+    compilations = getattr(engine, "compilations", None)
+    return {"prefill_tokens": float(stats.prefill_tokens), "reused_prompt_tokens": float(stats.reused_tokens),
+            **({"compiled_programs": float(sum(compilations().values()))} if compilations else {})}
 
 
 def update_policy(ctx: StepContext, state: TrainState, samples: Sequence[RLSample]

@@ -58,6 +58,9 @@ def test_mean_reward_rises_on_the_toy_task(toy_hf, tmp_path):
     assert all(m["rollout/stale_frac"] == 0 for m in history)
     # the embedded sampler's prompt-token counters, per step (single-turn episodes: every token is prefilled)
     assert all(m["rollout/prefill_tokens"] > 0 and m["rollout/reused_prompt_tokens"] == 0 for m in history)
+    # and its compiled programs: the first step compiles, later steps add at most a few new shape buckets
+    compiled = [m["rollout/compiled_programs"] for m in history]
+    assert compiled[0] >= 2 and sum(compiled[5:]) <= 2, compiled
 
 
 def _final_params(out_dir: Path, step: int) -> dict[str, np.ndarray]:
