@@ -25,6 +25,11 @@ WORKLOADS: dict[str, dict] = {
                    "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
                    "rope_parameters": {"rope_type": "default", "rope_theta": 5e6, "mrope_section": [24, 20, 20],
                                        "mrope_interleaved": True}},
+    # Qwen's vocabulary (and vision ids) on a 2-layer toy decoder: CPU rehearsals of the GPU runs' paths
+    "qwen-tiny": {"vocab_size": 151936, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                  "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+                  "rope_parameters": {"rope_type": "default", "rope_theta": 5e6, "mrope_section": [4, 2, 2],
+                                      "mrope_interleaved": True}},
 }
 NOMINAL_BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
