@@ -61,7 +61,9 @@ def summarise(history: list[dict[str, float]], warmup: int) -> dict[str, object]
             "trained_tokens_per_s": trained / update_s if update_s > 0 else 0.0,
             "trained_tokens_per_step": trained / len(timed),
             "rollout_sampled_tokens_per_s": sampled / rollout_s if rollout_s > 0 else 0.0,
-            "rollout_compiled_programs": [m.get("rollout/compiled_programs") for m in history],
+            **{f"rollout_{k}": [m.get(f"rollout/{k}") for m in history]
+               for k in ("compiled_programs", "prefill_calls", "decode_steps", "sampler_idle_s",
+                         "sampler_device_wait_s")},
             "rollouts_per_step": mean("rollouts"), "episode_tokens_mean": mean("episode/tokens_mean"),
             "reward_mean": [m.get("reward/total_mean") for m in history], "timed_steps": len(timed),
             "mfu": mean("mfu") if any("mfu" in m for m in timed) else None}

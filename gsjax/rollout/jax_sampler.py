@@ -23,6 +23,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections import deque
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Future
@@ -83,6 +84,9 @@ class SamplerConfig:
             raise ValueError(f"min_reuse_tokens must be >= 1, got {self.min_reuse_tokens}")
 
 
+IDLE_POLL_S = 0.05  # the decode loop's longest wait for requests between updates of SamplerStats.idle_s
+
+
 @dataclass
 class SamplerStats:
     """Counters of the decode loop (read them for tests and monitoring)."""
@@ -95,6 +99,10 @@ class SamplerStats:
     decode_steps: int = 0
     tokens: int = 0  # output tokens delivered
     peak_live: int = 0  # most slots busy at one step
+    # where the decode loop's time goes: waiting for requests (the callers are the bottleneck), waiting for
+    # the device's results (the model is), and the rest is host work (scheduling, batching, dispatch)
+    idle_s: float = 0.0
+    device_wait_s: float = 0.0
 
 
 @dataclass(eq=False)
@@ -216,7 +224,14 @@ class JaxSampler:
 
     def _receive(self, block: bool) -> bool:
         """Move requests from the inbox to the pending queue; False once close() was called."""
-        items = [self._inbox.get()] if block else []
+        items = []
+        while block and not items:  # in short waits, so the idle time is counted while it passes
+            start = time.perf_counter()
+            try:
+                items.append(self._inbox.get(timeout=IDLE_POLL_S))
+            except queue.Empty:
+                pass
+            self.stats.idle_s += time.perf_counter() - start
         while True:
             try:
                 items.append(self._inbox.get_nowait())
@@ -328,7 +343,9 @@ class JaxSampler:
 
     def _read(self, event: _Event) -> None:
         """Hand the event's tokens to their requests; finished requests resolve and free their slots."""
+        start = time.perf_counter()
         tokens, logprobs = np.asarray(event.tokens), np.asarray(event.logprobs)
+        self.stats.device_wait_s += time.perf_counter() - start
         for row, seq in event.rows:
             if seq.done:  # finished in an earlier event; this token was computed speculatively
                 continue

@@ -110,6 +110,37 @@ def filter_logits(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.
     return jnp.where(scaled >= cutoff[:, None], scaled, -jnp.inf)
 
 
+SAMPLE_BLOCK = 512
+"""Inverse-CDF draws walk the vocabulary in blocks of this many ids: block sums pick the block, one block's
+cumulative sum picks the id (two short scans instead of one over 150k ids)."""
+
+
+def inverse_cdf_index(scaled: jax.Array, u: jax.Array) -> jax.Array:
+    """The id whose slice of softmax(`scaled`) (V,) holds the fraction `u` in [0, 1) of the row's mass.
+
+    One uniform number per row instead of `jax.random.categorical`'s Gumbel noise over the whole
+    vocabulary: on a CPU the 150k random numbers per row and step cost about 25 times this whole draw. Ids
+    at -inf (filtered out) have no mass and are never chosen: a point past the last block's or id's mass
+    (rounding) is moved back onto the last one that has some.
+    """
+    vocab = scaled.shape[-1]
+    block = min(SAMPLE_BLOCK, vocab)
+    probs = jnp.exp(scaled - jnp.max(scaled))
+    probs = jnp.pad(probs, (0, -vocab % block)).reshape(-1, block)
+
+    def pick(cumulative: jax.Array, point: jax.Array) -> jax.Array:
+        """First index whose cumulative mass exceeds `point`, kept inside [0, total)."""
+        point = jnp.clip(point, 0.0, jnp.nextafter(cumulative[-1], jnp.float32(0)))
+        return jnp.sum(cumulative <= point).astype(jnp.int32)
+
+    block_mass = probs.sum(axis=-1)
+    block_cdf = jnp.cumsum(block_mass)
+    point = u * block_cdf[-1]
+    b = pick(block_cdf, point)
+    within = pick(jnp.cumsum(probs[b]), point - (block_cdf[b] - block_mass[b]))
+    return b * block + within
+
+
 def _sample_row(logits: jax.Array, scaled: jax.Array, key_data: jax.Array, index: jax.Array,
                 temperature: jax.Array, mode: Mode) -> jax.Array:
     """One row's token: argmax when greedy, else a draw from `scaled` (the logits at the row's temperature,
@@ -118,7 +149,7 @@ def _sample_row(logits: jax.Array, scaled: jax.Array, key_data: jax.Array, index
     if mode == "greedy":
         return jnp.argmax(logits).astype(jnp.int32)
     key = jax.random.fold_in(jax.random.wrap_key_data(key_data, impl=KEY_IMPL), index)
-    sampled = jax.random.categorical(key, scaled)
+    sampled = inverse_cdf_index(scaled, jax.random.uniform(key, (), jnp.float32))
     return jnp.where(greedy, jnp.argmax(logits), sampled).astype(jnp.int32)
 
 

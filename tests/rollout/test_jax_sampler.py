@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from concurrent.futures import Future
 
 import jax
@@ -111,6 +112,15 @@ def test_concurrent_generate_calls_are_batched(sampler):
     # six requests of ten tokens one after another take 6 x 9 = 54 decode steps; four shared slots need about
     # two rounds, three when the threads' timing (a loaded CI machine, a first-use compile) staggers arrivals
     assert stats.decode_steps <= 32
+    assert stats.device_wait_s > 0  # the loop read every step's results back
+
+
+def test_idle_time_is_counted_while_the_sampler_waits(sampler):
+    sampler.stats = SamplerStats()
+    time.sleep(0.5)  # no requests: the loop waits and counts it, in short waits, before any arrives
+    assert sampler.stats.idle_s >= 0.25 and sampler.stats.device_wait_s == 0
+    sampler.generate_batch([text_request(4, greedy(2))])
+    assert sampler.stats.device_wait_s > 0
 
 
 def test_cache_capacity_ends_generation_with_length(sampler, sampler_runner):

@@ -8,7 +8,15 @@ import numpy as np
 import pytest
 
 from gsjax.rollout.engine import SamplingParams
-from gsjax.rollout.sampling import batch_mode, chosen_logprobs, filter_logits, sample_tokens, seed_key_data
+from gsjax.rollout.sampling import (
+    SAMPLE_BLOCK,
+    batch_mode,
+    chosen_logprobs,
+    filter_logits,
+    inverse_cdf_index,
+    sample_tokens,
+    seed_key_data,
+)
 
 
 def hf_filter(scaled: np.ndarray, top_k: int, top_p: float) -> np.ndarray:
@@ -57,6 +65,28 @@ def test_sampling_frequencies_follow_the_filtered_softmax():
     for mode in ("greedy", "sample", "filter"):
         greedy, _ = _draw(logits[::-1].copy(), 16, 0.0, 0, 1.0, mode)
         assert set(np.asarray(greedy).tolist()) == {4}
+
+
+def test_inverse_cdf_walks_the_softmax_exactly_over_several_blocks():
+    """Evenly spaced points u in [0, 1) land on each id in proportion to its probability (to the grid's
+    resolution), over a vocabulary of several blocks with filtered ids (-inf) inside blocks, at block edges
+    and filling whole blocks; the extreme points and a last block of padding never reach an id without mass."""
+    vocab = 4 * SAMPLE_BLOCK + 77  # the last block is mostly padding
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 2, vocab).astype(np.float32)
+    logits[SAMPLE_BLOCK:2 * SAMPLE_BLOCK] = -np.inf  # a whole block filtered out
+    logits[[0, SAMPLE_BLOCK - 1, 2 * SAMPLE_BLOCK, 3 * SAMPLE_BLOCK + 5, vocab - 1]] = -np.inf
+    probs = np.exp(logits - logits[np.isfinite(logits)].max())
+    probs /= probs.sum()
+    points = 50_000
+    grid = (np.arange(points) + 0.5) / points
+    extremes = np.array([0.0, np.nextafter(np.float32(1), np.float32(0))], np.float32)
+    ids = np.asarray(jax.jit(jax.vmap(inverse_cdf_index, in_axes=(None, 0)))(
+        jnp.asarray(logits), jnp.asarray(np.concatenate([grid, extremes]), jnp.float32)))
+    assert np.isfinite(logits[ids]).all() and ids.max() < vocab
+    counts = np.bincount(ids[:points], minlength=vocab) / points
+    np.testing.assert_allclose(counts, probs, atol=2.0 / points)
+    assert ids[-2] == np.flatnonzero(np.isfinite(logits))[0] and ids[-1] == np.flatnonzero(np.isfinite(logits))[-1]
 
 
 def test_rows_sample_the_same_in_every_mode_that_covers_them():
