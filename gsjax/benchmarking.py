@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from gsjax.processing.tokens import IMAGE_PAD, TOKEN_IDS, VIDEO_PAD, VISION_END, VISION_START
+
 WORKLOADS: dict[str, dict] = {
     # perf-notes.md: hidden 256, 4 layers, 8/4 heads, hd 32, SwiGLU 768, vocab 4096
     "cpu-small": {"vocab_size": 4096, "hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 4,
@@ -36,8 +38,8 @@ NOMINAL_BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 CACHE_ENV = "GSJAX_BENCH_CACHE"
 PROMPT_VOCAB = 4000  # benchmark prompts draw ids below this: text in every workload's vocabulary
-QWEN_VISION_IDS = {"image_token_id": 151655, "video_token_id": 151656, "vision_start_token_id": 151652,
-                   "vision_end_token_id": 151653}
+QWEN_VISION_IDS = {"image_token_id": TOKEN_IDS[IMAGE_PAD], "video_token_id": TOKEN_IDS[VIDEO_PAD],
+                   "vision_start_token_id": TOKEN_IDS[VISION_START], "vision_end_token_id": TOKEN_IDS[VISION_END]}
 
 
 def build_checkpoint(workload: str, directory: Path, dtype: str = "float32") -> Path:
