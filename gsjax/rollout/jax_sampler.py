@@ -84,9 +84,6 @@ class SamplerConfig:
             raise ValueError(f"min_reuse_tokens must be >= 1, got {self.min_reuse_tokens}")
 
 
-IDLE_POLL_S = 0.05  # the decode loop's longest wait for requests between updates of SamplerStats.idle_s
-
-
 @dataclass
 class SamplerStats:
     """Counters of the decode loop (read them for tests and monitoring)."""
@@ -137,6 +134,7 @@ class JaxSampler:
         # decode attends over the smallest of these that holds the longest live row: one compile per bucket
         self.window_buckets = split_buckets(self.length_buckets, c.decode_window_splits)
         self.stats = SamplerStats()
+        self._idle_since: float | None = None  # when the loop began waiting for requests (None: busy)
         self._slots: list[Decoding | None] = [None] * c.max_slots
         self._retained: list[RetainedPrefix | None] = [None] * c.max_slots
         self._retained_at = [0] * c.max_slots  # when each slot's prefix was left (older ones are evicted first)
@@ -204,6 +202,11 @@ class JaxSampler:
     def compilations(self) -> dict[str, int]:
         return self.decoder.compilations()
 
+    def idle_seconds(self) -> float:
+        """`stats.idle_s` plus the wait in progress, so a reading taken while the loop waits is current."""
+        since = self._idle_since
+        return self.stats.idle_s + (time.perf_counter() - since if since is not None else 0.0)
+
     # ---------------------------------------------------------------- decode loop (background thread)
     def _run(self) -> None:
         events: deque[_Event] = deque()
@@ -225,13 +228,11 @@ class JaxSampler:
     def _receive(self, block: bool) -> bool:
         """Move requests from the inbox to the pending queue; False once close() was called."""
         items = []
-        while block and not items:  # in short waits, so the idle time is counted while it passes
-            start = time.perf_counter()
-            try:
-                items.append(self._inbox.get(timeout=IDLE_POLL_S))
-            except queue.Empty:
-                pass
-            self.stats.idle_s += time.perf_counter() - start
+        if block:  # one blocking wait (no polling: waking threads would contend for the GIL)
+            self._idle_since = time.perf_counter()
+            items.append(self._inbox.get())
+            waited, self._idle_since = time.perf_counter() - self._idle_since, None
+            self.stats.idle_s += waited
         while True:
             try:
                 items.append(self._inbox.get_nowait())

@@ -241,7 +241,8 @@ def prefill_counters(engine: RolloutEngine) -> dict[str, float]:
     compilations = getattr(engine, "compilations", None)
     return {"prefill_tokens": float(stats.prefill_tokens), "reused_prompt_tokens": float(stats.reused_tokens),
             "prefill_calls": float(stats.prefill_calls), "decode_steps": float(stats.decode_steps),
-            "sampler_idle_s": stats.idle_s, "sampler_device_wait_s": stats.device_wait_s,
+            "sampler_idle_s": engine.idle_seconds() if hasattr(engine, "idle_seconds") else stats.idle_s,
+            "sampler_device_wait_s": stats.device_wait_s,
             **({"compiled_programs": float(sum(compilations().values()))} if compilations else {})}
 
 
