@@ -87,8 +87,9 @@ def _build(spec: dict, directory: Path) -> Path:
 def text_only(config, ids: Sequence[int]) -> list[int]:
     """`ids` with any vision placeholder id (which a random model may sample) replaced by 0, so that feeding
     a model's output back as a prompt never asks for images that are not there."""
-    vision = {config.image_token_id, config.video_token_id, config.vision_start_token_id,
-              config.vision_end_token_id}
+    from gsjax.train.grpo import vision_ids
+
+    vision = vision_ids(config)
     return [0 if int(t) in vision else int(t) for t in ids]
 
 
