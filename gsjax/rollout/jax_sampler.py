@@ -202,6 +202,11 @@ class JaxSampler:
     def compilations(self) -> dict[str, int]:
         return self.decoder.compilations()
 
+    @property
+    def waiting_for_requests(self) -> bool:
+        """True while the loop blocks on an empty inbox (every earlier step read back, nothing in flight)."""
+        return self._idle_since is not None
+
     def idle_seconds(self) -> float:
         """`stats.idle_s` plus the wait in progress, so a reading taken while the loop waits is current."""
         since = self._idle_since

@@ -116,6 +116,12 @@ def test_concurrent_generate_calls_are_batched(sampler):
 
 
 def test_idle_time_is_counted_while_the_sampler_waits(sampler):
+    # the fixture is shared: an earlier test's last (speculative) step may still be read back, so wait until
+    # the loop blocks on its inbox before resetting the counters
+    deadline = time.monotonic() + 30
+    while not sampler.waiting_for_requests and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert sampler.waiting_for_requests
     sampler.stats = SamplerStats()
     time.sleep(0.5)  # no requests: the loop waits, and a reading during the wait includes it
     assert sampler.idle_seconds() >= 0.5 and sampler.stats.device_wait_s == 0
