@@ -6,17 +6,47 @@ from gsjax.malloc import keep_freed_memory
 
 keep_freed_memory()  # as the CLIs do, before JAX starts its threads: XLA CPU steps reuse freed pages
 
+import os  # noqa: E402
+from pathlib import Path  # noqa: E402
+
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
 pytest_plugins = ["tests.processor_fixtures"]
 
 
+FULL_DEMO_ENV = "GSJAX_FULL_DEMO_TESTS"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """One persistent XLA compilation cache for the whole test run, shared by both xdist workers and every
+    subprocess a test starts (they inherit the environment): many tests build a new Learner, sampler or run
+    over the same tiny model and shapes, and on a 2-core CPU compiling is most of their time. Entries are keyed
+    by the program, compile options and jax version, so a hit computes what a fresh compile would.
+    GSJAX_TEST_COMPILE_CACHE=off turns it off; a path puts it elsewhere."""
+    setting = os.environ.get("GSJAX_TEST_COMPILE_CACHE", str(Path(config.rootpath) / ".pytest_cache" / "xla"))
+    if setting == "off":
+        return
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", setting)
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
+    jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                      float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Tests marked `slow` run first, so that with two CI workers (`make test`, which keeps this order with
     --no-loadscope-reorder) the longest files start while the other worker takes the many short ones. Tests
-    marked `gpu` need an accelerator; on a CPU-only machine they are skipped, never failed."""
+    marked `gpu` need an accelerator; on a CPU-only machine they are skipped, never failed. Tests marked
+    `full_demo` run the demo at its default size and only when asked (`GSJAX_FULL_DEMO_TESTS=1`): alone they
+    would take two thirds of CI's 30-minute budget."""
     items.sort(key=lambda item: "slow" not in item.keywords)  # stable: file order is kept otherwise
+    if os.environ.get(FULL_DEMO_ENV) != "1":
+        skip_demo = pytest.mark.skip(reason=f"the default-size demo run (about 10 min alone on 2 cores, 19 under "
+                                            f"CI's two workers); set {FULL_DEMO_ENV}=1 to run it")
+        for item in items:
+            if "full_demo" in item.keywords:
+                item.add_marker(skip_demo)
     if jax.default_backend() != "cpu":
         return
     skip = pytest.mark.skip(reason="needs a GPU/TPU accelerator (jax backend is cpu)")

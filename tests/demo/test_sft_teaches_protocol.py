@@ -35,6 +35,7 @@ def first_turns(hf_dir: Path, system: str, prompts: list[str]) -> list[str]:
     return [tokenizer.decode([t for t in o.output_ids if t != stop]) for o in outs]
 
 
+@pytest.mark.full_demo  # outside the 30-minute CI: `GSJAX_FULL_DEMO_TESTS=1 pytest tests/demo` (README)
 @pytest.mark.slow
 @pytest.mark.timeout(2400)  # CI runs two test workers on two cores: this run then takes up to twice as long
 def test_default_demo_sft_makes_the_first_turn_a_valid_search_call(tmp_path: Path) -> None:
