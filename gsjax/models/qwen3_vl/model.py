@@ -17,7 +17,7 @@ from gsjax.parallel.sharding import constrain
 
 from .attention import cached_mask, causal_mask
 from .config import Qwen3VLConfig
-from .layers import RMSNorm, dtype_of, make_param, remat_policy
+from .layers import KeySource, ParamKeys, RMSNorm, dtype_of, make_param, remat_policy
 from .rope import get_rope_index, mrope_cos_sin
 from .text import DecoderLayer, LayerCache, RouterStats
 from .vision import VisionInputs, VisionTower, vision_inputs
@@ -56,8 +56,9 @@ class ModelOutput:
 
 
 class Qwen3VL(nnx.Module):
-    def __init__(self, config: Qwen3VLConfig, rngs: nnx.Rngs):
+    def __init__(self, config: Qwen3VLConfig, rngs: KeySource):
         config.validate()
+        rngs = ParamKeys.of(rngs)  # one key from nnx.Rngs; every parameter folds a Python count into it
         t = config.text
         pdt = dtype_of(config.runtime.param_dtype)
         self.config = config

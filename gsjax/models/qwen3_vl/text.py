@@ -14,7 +14,7 @@ from gsjax.parallel.sharding import constrain
 
 from .attention import AttentionMask, attend
 from .config import Qwen3VLConfig, TextConfig
-from .layers import Dense, RMSNorm, make_param
+from .layers import Dense, KeySource, RMSNorm, make_param
 from .rope import apply_rotary
 
 HEADS = ("act_batch", "act_length", "act_heads", None)
@@ -49,7 +49,7 @@ def write_cache(cache: LayerCache, k: jax.Array, v: jax.Array, offsets: jax.Arra
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: TextConfig, param_dtype: jnp.dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: TextConfig, param_dtype: jnp.dtype, rngs: KeySource):
         h, n, kv, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.q_proj = make_param(rngs, (h, n, hd), ("embed", "q_heads", "head_dim"), param_dtype)
         self.k_proj = make_param(rngs, (h, kv, hd), ("embed", "kv_heads", "head_dim"), param_dtype)
@@ -79,7 +79,7 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    def __init__(self, hidden: int, inner: int, param_dtype: jnp.dtype, rngs: nnx.Rngs):
+    def __init__(self, hidden: int, inner: int, param_dtype: jnp.dtype, rngs: KeySource):
         self.gate_proj = Dense(hidden, inner, ("embed", "mlp"), param_dtype, rngs)
         self.up_proj = Dense(hidden, inner, ("embed", "mlp"), param_dtype, rngs)
         self.down_proj = Dense(inner, hidden, ("mlp", "embed"), param_dtype, rngs)
@@ -92,7 +92,7 @@ class MLP(nnx.Module):
 class MoE(nnx.Module):
     """Top-k routed SwiGLU experts with always-renormalised weights (spec §3.5), no shared expert."""
 
-    def __init__(self, cfg: TextConfig, param_dtype: jnp.dtype, rngs: nnx.Rngs, impl: str):
+    def __init__(self, cfg: TextConfig, param_dtype: jnp.dtype, rngs: KeySource, impl: str):
         h, e, i = cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size
         self.top_k = cfg.num_experts_per_tok
         self.impl = impl
@@ -147,7 +147,7 @@ def _experts_ragged(x, top_e, gate, up, down) -> jax.Array:
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, config: Qwen3VLConfig, layer: int, param_dtype: jnp.dtype, rngs: nnx.Rngs):
+    def __init__(self, config: Qwen3VLConfig, layer: int, param_dtype: jnp.dtype, rngs: KeySource):
         cfg = config.text
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "embed", param_dtype, rngs)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "embed", param_dtype, rngs)

@@ -17,7 +17,7 @@ from flax import nnx
 
 from .attention import attend, segment_mask
 from .config import Qwen3VLConfig, VisionConfig
-from .layers import Dense, LayerNorm, dtype_of, make_param, remat_policy, zeros_init
+from .layers import Dense, KeySource, LayerNorm, dtype_of, make_param, remat_policy, zeros_init
 from .rope import apply_rotary, vision_cos_sin
 
 
@@ -118,7 +118,7 @@ def _pad_rows(arrays: dict[str, np.ndarray], pad_to: int) -> dict[str, np.ndarra
 
 
 class VisionBlock(nnx.Module):
-    def __init__(self, cfg: VisionConfig, param_dtype: jnp.dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: VisionConfig, param_dtype: jnp.dtype, rngs: KeySource):
         d, nh, hd = cfg.hidden_size, cfg.num_heads, cfg.head_dim
         self.cfg = cfg
         self.norm1 = LayerNorm(d, cfg.layer_norm_eps, "vit_embed", param_dtype, rngs)
@@ -156,7 +156,7 @@ class PatchMerger(nnx.Module):
     """2×2 merge then fc1 → exact GELU → fc2. The final merger normalises each patch (LN(D)) before the
     reshape; the DeepStack mergers normalise the merged 4D vector (spec §2.4)."""
 
-    def __init__(self, cfg: VisionConfig, postshuffle_norm: bool, param_dtype: jnp.dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: VisionConfig, postshuffle_norm: bool, param_dtype: jnp.dtype, rngs: KeySource):
         d4 = cfg.hidden_size * cfg.merge_unit
         self.postshuffle_norm = postshuffle_norm
         self.merge_unit = cfg.merge_unit
@@ -175,7 +175,7 @@ class PatchMerger(nnx.Module):
 
 
 class VisionTower(nnx.Module):
-    def __init__(self, config: Qwen3VLConfig, rngs: nnx.Rngs):
+    def __init__(self, config: Qwen3VLConfig, rngs: KeySource):
         cfg = config.vision
         pdt = dtype_of(config.runtime.param_dtype)
         self.cfg = cfg
