@@ -58,6 +58,20 @@ def test_preset_parameter_counts_match_spec():
         assert total == count, (name, total)
 
 
+def test_initial_params_depend_on_the_seed_only_and_no_two_random_ones_are_equal():
+    """Parameter keys are a Python-counted fold of one key (ParamKeys): the same seed rebuilds the same model,
+    another seed another one, and every randomly initialised parameter gets its own key."""
+    def leaves(seed: int) -> list[np.ndarray]:
+        return [np.asarray(x) for x in jax.tree.leaves(nnx.state(Qwen3VL(preset("tiny"), rngs=nnx.Rngs(seed))))]
+
+    first, again, other = leaves(0), leaves(0), leaves(1)
+    assert all(np.array_equal(a, b) for a, b in zip(first, again, strict=True))
+    random = [x for x in first if x.size > 1 and np.std(x) > 0]
+    assert len(random) > 20 and len({x.ravel()[:4].tobytes() for x in random}) == len(random)
+    assert all(not np.array_equal(a, b) for a, b in zip(first, other, strict=True) if a.size > 1 and np.std(a) > 0)
+    assert all(abs(float(np.std(x)) - 0.02) < 0.005 for x in random if x.size >= 4096)  # normal_init(0.02)
+
+
 def test_config_reads_hub_and_v5_forms(hf_dirs):
     import json
 
@@ -126,8 +140,8 @@ def test_remat_policies_give_identical_gradients():
     grads = {}
     for policy in ("none", "full", "dots"):
         model = _tiny(remat=policy, vision_remat=policy)
-        inputs = inputs or prepare_inputs(model.config, ids, None, R.random_pixels(grids, model.config.vision.patch_dim),
-                                          np.asarray(grids))
+        pixels = R.random_pixels(grids, model.config.vision.patch_dim)
+        inputs = inputs or prepare_inputs(model.config, ids, None, pixels, np.asarray(grids))
         grads[policy] = nnx.grad(_loss)(model, inputs)
     for policy in ("full", "dots"):
         diffs = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), grads["none"], grads[policy])
@@ -212,7 +226,8 @@ def test_greedy_decode_equals_argmax_of_full_forward():
     runner = Runner(_tiny())
     grids = [(1, 4, 4)]
     ids = R.image_prompt(grids, 200, 202, 203)[None]
-    arrays = {"input_ids": ids, "pixel_values": R.random_pixels(grids, runner.config.vision.patch_dim), "image_grid_thw": np.asarray(grids)}
+    arrays = {"input_ids": ids, "pixel_values": R.random_pixels(grids, runner.config.vision.patch_dim),
+              "image_grid_thw": np.asarray(grids)}
     new = runner.greedy(arrays, max_new_tokens=5)
     for t in range(new.shape[1]):
         full = runner.logits({**arrays, "input_ids": np.concatenate([ids, new[:, :t]], axis=1)})
