@@ -12,6 +12,8 @@ from pathlib import Path  # noqa: E402
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
+from gsjax.compile_cache import use_compile_cache  # noqa: E402
+
 pytest_plugins = ["tests.processor_fixtures"]
 
 
@@ -29,9 +31,8 @@ def pytest_configure(config: pytest.Config) -> None:
         return
     os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", setting)
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
-    jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
-    jax.config.update("jax_persistent_cache_min_compile_time_secs",
-                      float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
+    use_compile_cache(os.environ["JAX_COMPILATION_CACHE_DIR"],  # this process; the variables: its children
+                      min_compile_seconds=float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
