@@ -26,6 +26,8 @@ WITHIN_10_PERCENT = [
     ("fsdp=4,tensor=2", "none", 512, {}),
     ("fsdp=4,tensor=2", "none", 1024, {"layers": 4, "hidden": 768, "inter": 2048, "vocab": 8192}),
     ("fsdp=8", "full", 1024, {"layers": 4, "hidden": 768, "inter": 2048, "vocab": 8192}),
+    ("fsdp=8", "none", 1024, {"attention": "chunked"}),
+    ("fsdp=4,tensor=2", "none", 1024, {"attention": "chunked"}),
 ]
 
 

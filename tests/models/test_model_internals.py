@@ -91,20 +91,35 @@ def test_config_reads_hub_and_v5_forms(hf_dirs):
         Qwen3VLConfig.from_hf_dict(broken)
 
 
-def test_chunked_attention_equals_dense():
+@pytest.mark.parametrize("padded", [True, False])
+def test_chunked_attention_and_its_gradients_equal_dense(padded):
+    """The blocked kernel's own backward (recomputed scores) against autodiff of the dense kernel."""
     rng = jax.random.PRNGKey(0)
-    q, k, v = (jax.random.normal(key, shape) for key, shape in zip(
-        jax.random.split(rng, 3), [(2, 300, 4, 16), (2, 300, 2, 16), (2, 300, 2, 16)]))
+    q, k, v, weight = (jax.random.normal(key, shape) for key, shape in zip(
+        jax.random.split(rng, 4), [(2, 300, 4, 16), (2, 300, 2, 16), (2, 300, 2, 16), (2, 300, 4, 16)]))
     valid = jnp.arange(300)[None, :] >= jnp.array([[0], [37]])  # row 1 left-padded
-    mask = causal_mask(valid)
+    mask = causal_mask(valid if padded else None)
+    rows = np.asarray(valid) if padded else np.ones((2, 300), bool)  # fully masked rows are padding, never read
+
+    def loss(impl):
+        return lambda q, k, v: jnp.sum(jnp.where(rows[:, :, None, None], attend(q, k, v, mask, impl=impl, chunk=64),
+                                                 0) * weight)
+
     dense = attend(q, k, v, mask, impl="xla")
     chunked = attend(q, k, v, mask, impl="chunked", chunk=64)
-    rows = np.asarray(valid)  # fully masked (padding) query rows are garbage in either kernel
     assert np.abs(np.asarray(dense - chunked))[rows].max() < 1e-5
-    keep = valid[:, :, None, None]
-    g1 = jax.grad(lambda q: jnp.sum(jnp.where(keep, attend(q, k, v, mask, impl="xla"), 0) ** 2))(q)
-    g2 = jax.grad(lambda q: jnp.sum(jnp.where(keep, attend(q, k, v, mask, impl="chunked", chunk=64), 0) ** 2))(q)
-    assert np.abs(np.asarray(g1 - g2)).max() < 1e-4
+    expected = jax.grad(loss("xla"), argnums=(0, 1, 2))(q, k, v)
+    got = jax.grad(loss("chunked"), argnums=(0, 1, 2))(q, k, v)
+    for name, e, g in zip("qkv", expected, got):
+        assert np.abs(np.asarray(e - g)).max() < 1e-4, name
+
+
+def test_chunked_attention_keeps_the_input_dtype():
+    q, k, v = (jnp.ones(shape, jnp.bfloat16) for shape in [(1, 200, 4, 8), (1, 200, 2, 8), (1, 200, 2, 8)])
+    out, grads = jax.value_and_grad(lambda q: jnp.sum(attend(q, k, v, causal_mask(None), impl="chunked",
+                                                                chunk=64).astype(jnp.float32)))(q)
+    assert grads.dtype == jnp.bfloat16 and np.isfinite(float(out))
+    assert attend(q, k, v, causal_mask(None), impl="chunked", chunk=64).dtype == jnp.bfloat16
 
 
 def _tiny(moe: bool = False, **runtime) -> Qwen3VL:

@@ -14,6 +14,8 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
+from .blocked_attention import blocked_causal
+
 MaskKind = Literal["causal", "cached", "segments"]
 
 
@@ -119,20 +121,16 @@ def _cudnn_causal(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask)
 def _chunked_causal(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask, chunk: int) -> jax.Array:
     """Causal attention in query blocks that only read the keys at or before the block's end.
 
-    Skips the fully masked upper triangle (about half the work at long lengths) with static slices,
-    so forward and backward stay plain XLA ops; the exact softmax is kept per block.
+    Skips the fully masked upper triangle (about half the work at long lengths) with static slices; the exact
+    softmax is kept per block, and the backward recomputes each block's scores (blocked_attention.py).
     """
-    length = q.shape[1]
-    outs = []
-    for start in range(0, length, chunk):
-        stop = min(start + chunk, length)
-        visible = jnp.arange(stop)[None, :] <= jnp.arange(start, stop)[:, None]  # (Tq, S')
-        block_mask = visible[None, None]
-        if mask.kv_valid is not None:
-            block_mask = block_mask & mask.kv_valid[:, None, None, :stop]
-        outs.append(jax.nn.dot_product_attention(
-            q[:, start:stop], k[:, :stop], v[:, :stop], mask=block_mask, implementation="xla"))
-    return jnp.concatenate(outs, axis=1)
+    batch, length, heads, dim = q.shape
+    kv_heads = k.shape[2]
+    q_grouped = (q.astype(jnp.float32) / jnp.sqrt(jnp.float32(dim))).reshape(
+        batch, length, kv_heads, heads // kv_heads, dim).transpose(0, 2, 3, 1, 4)
+    k_heads, v_heads = (x.astype(jnp.float32).transpose(0, 2, 1, 3) for x in (k, v))
+    out = blocked_causal(q_grouped, k_heads, v_heads, mask.kv_valid, chunk)
+    return out.transpose(0, 3, 1, 2, 4).reshape(batch, length, heads, dim).astype(q.dtype)
 
 
 def _banded_segments(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, block: int) -> jax.Array:
