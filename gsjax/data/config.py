@@ -17,7 +17,9 @@ class SFTDataConfig:
 
     `max_pixels`/`min_pixels` are LLaMA-Factory's pre-shrink/pre-grow bounds applied before the processor's own
     smart-resize; `buckets` are the allowed sequence lengths (the cutoff is always the last one);
-    `vision_row_buckets` the allowed vision patch-row counts per host batch (None: 64, 96, 128, 192, 256, ...)."""
+    `vision_row_buckets` the allowed vision patch-row counts per host batch (None: 64, 96, 128, 192, 256, ...);
+    `loss_position_buckets` the allowed counts of trained positions per batch, the rows the LM head runs at
+    (None: 64, 96, 128, 192, 256, ...; fewer sizes, fewer compiled steps)."""
 
     path: str
     image_root: str | None = None  # None: the data file's directory
@@ -37,12 +39,14 @@ class SFTDataConfig:
     add_empty_think: bool = True  # upstream adds a trained empty <think> block to think-less assistant turns
     vision_row_buckets: tuple[int, ...] | None = None
     min_vision_rows: int = 64  # smallest automatic vision row bucket
+    loss_position_buckets: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "path", str(self.path))
         object.__setattr__(self, "buckets", tuple(int(b) for b in self.buckets))
-        if self.vision_row_buckets is not None:
-            object.__setattr__(self, "vision_row_buckets", tuple(sorted(int(b) for b in self.vision_row_buckets)))
+        for name in ("vision_row_buckets", "loss_position_buckets"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, tuple(sorted(int(b) for b in getattr(self, name))))
         for name in ("batch_size", "cutoff_len", "max_pixels", "min_pixels", "num_epochs", "worker_buffer_size",
                      "min_vision_rows"):
             if int(getattr(self, name)) <= 0:
@@ -63,6 +67,12 @@ class SFTDataConfig:
         ):
             raise ValueError(
                 f"SFTDataConfig.vision_row_buckets must be positive multiples of 4, got {self.vision_row_buckets}"
+            )
+        if self.loss_position_buckets is not None and (
+            not self.loss_position_buckets or any(b <= 0 for b in self.loss_position_buckets)
+        ):
+            raise ValueError(
+                f"SFTDataConfig.loss_position_buckets must be positive counts, got {self.loss_position_buckets}"
             )
 
     @property

@@ -55,8 +55,10 @@ class BatchBuilder:
     """Picklable `step -> host batch`, run inside grain workers."""
 
     def __init__(self, records: RecordFile, ctx: EncodeContext, plan: BatchPlan, model_cfg: Qwen3VLConfig, *,
-                 process_index: int, pad_id: int, on_bad_record: str):
+                 process_index: int, pad_id: int, on_bad_record: str,
+                 loss_position_buckets: tuple[int, ...] | None = None):
         self.records, self.ctx, self.plan = records, ctx, plan
+        self.loss_position_buckets = loss_position_buckets
         self.model_cfg, self.process_index, self.pad_id = model_cfg, process_index, pad_id
         self.on_bad_record = on_bad_record
 
@@ -82,7 +84,8 @@ class BatchBuilder:
                 refuse(bad, self.records.name(record_id), self.on_bad_record)
                 skipped.add(bad.kind)
                 examples.append(None)
-        batch = collate(examples, planned.length, planned.vision_rows, self.model_cfg, self.pad_id)
+        batch = collate(examples, planned.length, planned.vision_rows, self.model_cfg, self.pad_id,
+                        self.loss_position_buckets)
         kept = [rid if e is not None else EMPTY for rid, e in zip(planned.record_ids.tolist(), examples)]
         batch["stats"] = {"step": step, "epoch": planned.epoch, "records": kept,
                           "rows": sum(e is not None for e in examples), "skipped": skipped.as_dict()}
@@ -116,7 +119,8 @@ class SFTLoader:
         pad_id = getattr(tokenizer, "pad_token_id", None)
         self.builder = BatchBuilder(records, ctx, self.plan, model_cfg, process_index=process_index,
                                     pad_id=ENDOFTEXT_ID if pad_id is None else int(pad_id),
-                                    on_bad_record=cfg.on_bad_record)
+                                    on_bad_record=cfg.on_bad_record,
+                                    loss_position_buckets=cfg.loss_position_buckets)
         self._next_step = 0
         self._runtime_skips = SkipCounter()
         self._iterator: Iterator[dict[str, Any]] | None = None

@@ -27,7 +27,7 @@ class DemoConfig:
     grpo_steps: int = 6
     sft_records: int | None = None  # None: every built-in trajectory (3 prompt wordings x 10 subjects)
     sft_lr: float = 1e-2
-    sft_seq_len: int = 2560  # one length bucket: one compiled step
+    sft_seq_len: int = 2560  # one length bucket: one compiled step (and the record order SFT was tuned with)
     grpo_lr: float = 1e-4
     prompts_per_step: int = 2
     group_size: int = 4

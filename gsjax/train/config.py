@@ -12,7 +12,7 @@ import difflib
 import math
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -61,18 +61,30 @@ class ModelSection:
     moe_impl: Literal["ragged", "dense"] = "ragged"
     # patch rows of the largest image frame (grid h·w; 0: unbounded): the vision attention then costs O(N·rows)
     # instead of O(N²) over the N patch rows of a batch. Images past it are refused with the image named.
-    vision_max_frame_rows: int = 0
+    # "auto": the largest frame the run's image pixel budget allows (gsjax/processing/frame_rows.py).
+    vision_max_frame_rows: int | Literal["auto"] = 0
 
     def runtime(self) -> RuntimeConfig:
+        rows = self.vision_max_frame_rows
         return RuntimeConfig(param_dtype=self.param_dtype, dtype=self.dtype, attention_impl=self.attention_impl,
                              moe_impl=self.moe_impl, remat=self.remat, vision_remat=self.vision_remat,
-                             vision_max_frame_rows=self.vision_max_frame_rows)
+                             vision_max_frame_rows=0 if rows == "auto" else rows)
 
-    def resolve(self) -> Qwen3VLConfig:
-        """The model config: read from `hf_dir/config.json`, or the named preset, with this runtime."""
+    def resolve(self, auto_frame_rows: Callable[[Qwen3VLConfig], int] | None = None) -> Qwen3VLConfig:
+        """The model config: read from `hf_dir/config.json`, or the named preset, with this runtime.
+
+        `auto_frame_rows(config)` gives the frame bound for `vision_max_frame_rows: auto` (the SFT and GRPO
+        configs pass their image budgets' bound: `SFTConfig.model_config`, `GRPOConfig.model_config`)."""
         if self.hf_dir:
-            return Qwen3VLConfig.from_file(self.hf_dir, runtime=self.runtime())
-        return preset(self.preset or "").with_runtime(**dataclasses.asdict(self.runtime())).validate()
+            config = Qwen3VLConfig.from_file(self.hf_dir, runtime=self.runtime())
+        else:
+            config = preset(self.preset or "").with_runtime(**dataclasses.asdict(self.runtime())).validate()
+        if self.vision_max_frame_rows == "auto":
+            if auto_frame_rows is None:
+                raise SFTConfigError("model.vision_max_frame_rows=auto needs the run's image pixel budget: resolve "
+                                     "the model through the SFT or GRPO config's model_config()")
+            config = config.with_runtime(vision_max_frame_rows=auto_frame_rows(config))
+        return config
 
 
 @dataclass(frozen=True)
@@ -148,6 +160,16 @@ class SFTConfig:
 
     def optimizer_settings(self, steps_per_epoch: int | None = None) -> OptimizerSettings:
         return self.optim.resolve(self.train.total_steps(steps_per_epoch))
+
+    def model_config(self) -> Qwen3VLConfig:
+        """The model config; `model.vision_max_frame_rows: auto` becomes the largest frame an image pre-shrunk
+        to data.max_pixels can reach."""
+        from gsjax.data.config import SFTDataConfig
+        from gsjax.data.loader import image_config_for
+        from gsjax.processing.frame_rows import largest_sft_frame
+
+        max_pixels = int(self.data.get("max_pixels", SFTDataConfig.max_pixels))
+        return self.model.resolve(lambda config: largest_sft_frame(max_pixels, image_config_for(config, None)))
 
     # ------------------------------------------------------------------ I/O
     @classmethod

@@ -36,7 +36,6 @@ from gsjax.models.qwen3_vl.flops import train_flops_per_token
 from gsjax.models.qwen3_vl.model import Qwen3VL
 from gsjax.parallel.mesh import MeshConfig, build_mesh, maybe_initialize_distributed
 from gsjax.parallel.multihost import gather_to_hosts, host_block, host_totals
-from gsjax.processing.images import ImageProcessorConfig
 from gsjax.rollout.engine import RolloutEngine
 from gsjax.rollout.jax_sampler import JaxSampler, SamplerConfig
 
@@ -123,7 +122,7 @@ def make_engine(cfg: GRPOConfig, setup: ShardedSetup, state: TrainState, version
     if rollout_devices is None and jax.process_count() > 1:  # the sampler shares this host's learner devices
         rollout_devices = [d for d in setup.mesh.devices.flat if d.process_index == jax.process_index()]
     mesh = setup.mesh if rollout_devices is None else build_mesh(MeshConfig(data=1, fsdp=-1), rollout_devices)
-    model_cfg = cfg.model.resolve()
+    model_cfg = cfg.model_config()
     sampler_cfg = SamplerConfig(max_slots=r.max_slots, max_total_len=r.max_total_len,
                                 min_prefill_bucket=r.min_prefill_bucket, max_prefill_tokens=r.max_prefill_tokens,
                                 prefix_reuse=r.prefix_reuse)
@@ -160,13 +159,10 @@ def make_environment(cfg: GRPOConfig, engine: RolloutEngine, model_cfg: Qwen3VLC
                               e.toy_prompt_len, e.toy_new_tokens, r.temperature, r.top_p, r.top_k, r.seed)
     from gsjax.processing.tokenizer import load_tokenizer
 
-    v = model_cfg.vision
     agent_cfg = AgentConfig(max_llm_calls=e.max_llm_calls, max_new_tokens_per_turn=e.max_new_tokens_per_turn,
                             max_reference_images=e.max_reference_images, image_max_pixels=e.image_max_pixels,
                             image_min_pixels=e.image_min_pixels, date=e.date, episode_concurrency=r.concurrency)
-    image_cfg = ImageProcessorConfig(patch_size=v.patch_size, temporal_patch_size=v.temporal_patch_size,
-                                     merge_size=v.spatial_merge_size, min_pixels=e.image_min_pixels,
-                                     max_pixels=e.image_max_pixels)
+    image_cfg = e.image_processor(model_cfg.vision)
     policy_cfg = EnginePolicyConfig(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
                                     max_context_tokens=e.max_context_tokens)
     rewarder = RolloutRewarder(make_episode_rewarder(cfg.reward, e.max_reference_images), cfg.reward.workers)
@@ -366,7 +362,7 @@ def run_grpo(cfg: GRPOConfig, *, progress: bool = True, console: Console | None 
     use_compile_cache(cfg.train.compile_cache_dir)
     check_hosts(cfg)
     out_dir = Path(cfg.train.out_dir)
-    model_cfg = cfg.model.resolve()
+    model_cfg = cfg.model_config()
     check_freeze(model_cfg, cfg.train.freeze)
     learner_devices, rollout_devices = split_devices(cfg)
     mesh = build_mesh(cfg.mesh, learner_devices)

@@ -15,8 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from gsjax.models.qwen3_vl.config import Qwen3VLConfig, VisionConfig
 from gsjax.parallel.mesh import MeshConfig
 from gsjax.parallel.sharding import MeshAxes, Rules, rules_from_config
+from gsjax.processing.frame_rows import largest_agent_frame
+from gsjax.processing.images import ImageProcessorConfig
 
 from .config import ModelSection, OptimSection, SFTConfigError, TrainSection, _build, _plain, _problems, read_recipe
 from .config import apply_overrides as _apply_overrides
@@ -88,6 +91,12 @@ class EnvSection:
     toy_target_low: int = 0
     toy_target_high: int = 32
 
+    def image_processor(self, vision: VisionConfig) -> ImageProcessorConfig:
+        """The processor of the policy's views: the tower's patch geometry, this section's pixel range."""
+        return ImageProcessorConfig(patch_size=vision.patch_size, temporal_patch_size=vision.temporal_patch_size,
+                                    merge_size=vision.spatial_merge_size, min_pixels=self.image_min_pixels,
+                                    max_pixels=self.image_max_pixels)
+
 
 @dataclass(frozen=True)
 class RewardSection:
@@ -157,6 +166,13 @@ class GRPOConfig:
 
     def sharding_rules(self) -> Rules:
         return rules_from_config(self.rules)
+
+    def model_config(self) -> Qwen3VLConfig:
+        """The model config; `model.vision_max_frame_rows: auto` becomes the largest frame a policy view can
+        have (env.image_min_pixels / image_max_pixels)."""
+        e = self.env
+        return self.model.resolve(lambda config: largest_agent_frame(
+            e.image_min_pixels, e.image_max_pixels, e.image_processor(config.vision)))
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> GRPOConfig:

@@ -110,7 +110,7 @@ def run_sft(cfg: SFTConfig, *, progress: bool = True, console: Console | None = 
     maybe_initialize_distributed()
     use_compile_cache(cfg.train.compile_cache_dir)
     out_dir = Path(cfg.train.out_dir)
-    model_config = cfg.model.resolve()
+    model_config = cfg.model_config()
     check_freeze(model_config, cfg.train.freeze)
     mesh = build_mesh(cfg.mesh)
     tokenizer = load_tokenizer(cfg.model.hf_dir)
@@ -213,7 +213,7 @@ def export_checkpoint(checkpoint_dir: str | Path, hf_dir: str | Path, *, step: i
             raise FileNotFoundError(f"no committed checkpoint under {checkpoint_dir}")
         saved = reader.saved_config(chosen)
         cfg = SFTConfig.from_dict(saved)
-        model_config = cfg.model.resolve()
+        model_config = cfg.model_config()
         optimizer = make_optimizer(cfg.optim.resolve(max(chosen, 1)))
         setup = state_shardings(model_config, cfg.train.freeze, optimizer, build_mesh(MeshConfig(fsdp=-1)),
                                 cfg.sharding_rules())

@@ -25,6 +25,8 @@ def test_buckets_end_at_the_cutoff_and_root_defaults_to_the_file_dir() -> None:
     {"vision_row_buckets": (64, 66)},
     {"min_vision_rows": 30},
     {"worker_count": -1},
+    {"loss_position_buckets": ()},
+    {"loss_position_buckets": (64, 0)},
 ])
 def test_bad_settings_are_refused(bad: dict) -> None:
     with pytest.raises(ValueError):

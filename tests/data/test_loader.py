@@ -58,6 +58,24 @@ def test_epochs_cover_every_record_with_few_shapes(sft_path: Path, qwen_tokenize
     assert loader.stats["skipped"] == 0
 
 
+def test_configured_loss_position_buckets_fix_the_head_size(sft_path: Path, qwen_tokenizer: Any,
+                                                           tiny_model_cfg: Qwen3VLConfig) -> None:
+    """data.loss_position_buckets replaces the automatic 64, 96, 128, ... ladder: one head size, fewer programs."""
+    auto = {b["loss_positions"].shape[1] for b in _all(make_sft_loader(_cfg(sft_path), qwen_tokenizer,
+                                                                        tiny_model_cfg))
+            if b["loss_positions"] is not None}
+    assert len(auto) > 1
+    fixed = _all(make_sft_loader(_cfg(sft_path, loss_position_buckets=[300]), qwen_tokenizer, tiny_model_cfg))
+    heads = {b["loss_positions"].shape[1] for b in fixed if b["loss_positions"] is not None}
+    assert heads == {300}  # (the head runs at full length where that is not longer)
+    for batch in fixed:
+        if batch["loss_positions"] is None:
+            continue
+        trained = batch["target_mask"] > 0
+        for row, positions in zip(trained, batch["loss_positions"]):
+            assert positions[: row.sum()].tolist() == np.flatnonzero(row).tolist()
+
+
 def test_order_is_seeded(sft_path: Path, qwen_tokenizer: Any, tiny_model_cfg: Qwen3VLConfig) -> None:
     def order(seed: int) -> list[list[int]]:
         loader = make_sft_loader(_cfg(sft_path, seed=seed, num_epochs=1), qwen_tokenizer, tiny_model_cfg)
