@@ -19,7 +19,7 @@ STAGES = ("trajectories", "sft", "grpo", "report")
 
 @dataclass(frozen=True)
 class DemoConfig:
-    """Sizes of the demo. Defaults take about 9 minutes on a 2-core CPU (SFT 5.5); tests shrink the step counts."""
+    """Sizes of the demo. Defaults take 9-11 minutes on a 2-core CPU (SFT 5.5-6); tests shrink the step counts."""
 
     workdir: Path = Path("runs/demo")
     model_preset: str = "tiny"
