@@ -55,12 +55,17 @@ def blocked_causal(q: jax.Array, k: jax.Array, v: jax.Array, kv_valid: jax.Array
     return _forward(q, k, v, kv_valid, block)[0]
 
 
-def _blocked_causal_fwd(q, k, v, kv_valid, block):
+Residuals = tuple[jax.Array, jax.Array, jax.Array, "jax.Array | None", jax.Array, jax.Array]
+
+
+def _blocked_causal_fwd(q: jax.Array, k: jax.Array, v: jax.Array, kv_valid: jax.Array | None,
+                        block: int) -> tuple[jax.Array, Residuals]:
     out, lse = _forward(q, k, v, kv_valid, block)
     return out, (q, k, v, kv_valid, out, lse)
 
 
-def _blocked_causal_bwd(block, residuals, d_out):
+def _blocked_causal_bwd(block: int, residuals: Residuals, d_out: jax.Array) -> tuple:
+    """Gradients of q, k, v (and a float0 zero for the mask), block by block from the saved lse."""
     q, k, v, kv_valid, out, lse = residuals
     batch, kv_heads, group, length, dim = q.shape
     delta = jnp.sum(d_out * out, axis=-1)  # (B, K, G, T): rowsum(dP·P) of the softmax backward
