@@ -15,6 +15,7 @@ ones.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 
 import numpy as np
@@ -67,6 +68,7 @@ def _largest_rows(h: np.ndarray, w: np.ndarray, cfg: ImageProcessorConfig) -> in
     return int(rows[ok].max(initial=0))
 
 
+@functools.cache  # pure; a run resolves its model config more than once
 def largest_sft_frame(max_pixels: int, cfg: ImageProcessorConfig) -> int:
     """Patch rows (grid h·w) of the largest frame an SFT image pre-shrunk to <= `max_pixels` can become."""
     return max(_largest_rows(h, w, cfg) for h, w in _sizes_up_to(int(max_pixels)))
@@ -92,6 +94,7 @@ def _shrink_outputs(max_pixels: int, f: int) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate([h, w]), np.concatenate([w, h])
 
 
+@functools.cache
 def largest_agent_frame(view_min_pixels: int, view_max_pixels: int, cfg: ImageProcessorConfig) -> int:
     """Patch rows of the largest frame of a policy view (`agent.images.policy_view`: smart-resize of any image
     to [view_min_pixels, view_max_pixels] in multiples of `cfg.factor`), after the processor's own resize."""
