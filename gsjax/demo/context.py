@@ -26,7 +26,7 @@ class DemoConfig:
     sft_steps: int = 500  # at 300, greedy first turns sat one near-tie from a broken tool-call tag
     grpo_steps: int = 6
     sft_records: int | None = None  # None: every built-in trajectory (3 prompt wordings x 10 subjects)
-    sft_lr: float = 5e-3  # 1e-2 learnt first turns as well but was fragile for whole episodes (sft_config)
+    sft_lr: float = 1e-2  # 5e-3 was tried: no more reliable (sft_config)
     sft_seq_len: int = 2560  # one length bucket: one compiled step (and the record order SFT was tuned with)
     grpo_lr: float = 1e-4
     prompts_per_step: int = 2

@@ -70,11 +70,11 @@ def sft_config(cfg: DemoConfig, layout: Layout, records: int) -> SFTConfig:
     One length bucket although 2048 and 2304 ones would make the steps 20-25 % cheaper: buckets reorder the
     records, and the tiny model's SFT is sensitive to the order. With 2048/2304/2560 buckets the same seed ended
     at 0 of 10 valid greedy first turns (repeated <tool_call> tags) and GRPO episodes without answers, where the
-    single bucket's order gives 9 or 10 of 10. Later turns varied more at the former learning rate 1e-2: even
-    one fixed LM-head size (data.loss_position_buckets [256], the same loss up to summation order) left 9 of 10
-    first turns valid but no GRPO episode reaching an answer, against 4 or 5 of 8 per step with the default head
-    sizes. At 5e-3 (last-20 loss 0.08 instead of 0.05) both gave 10 of 10 first turns and parsed answers in every
-    one of the first 2 GRPO steps (6 and 3 of 8; 2 and 2 of 8 with the fixed head size).
+    single bucket's order gives 9 or 10 of 10. Whole episodes vary more: one fixed LM-head size
+    (data.loss_position_buckets [256], the same loss up to summation order) left 9 of 10 first turns valid but no
+    GRPO episode reaching an answer, against 3 to 5 of 8 per step in two runs with the default head sizes. A
+    learning rate of 5e-3 (last-20 loss 0.08 instead of 0.05) was no cure: 10, 10 and 5 of 10 first turns in
+    three runs, and fewer parsed answers (0 to 6 of 8 per step, mostly 1 or 2).
 
     The learning rate warms up over the first 10 % of the steps. With a one-step warmup the tiny model
     sometimes (by seed, or by XLA's run-to-run noise) settled into repeating tool-call tags and JSON keys:
