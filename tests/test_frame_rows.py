@@ -1,6 +1,6 @@
 """The largest image frame under a pixel budget (`vision_max_frame_rows: auto`): the vectorised resize equals
-smart_resize, no image through the real SFT or agent pipeline exceeds the bound, the bound is reached, and the
-large recipes derive theirs."""
+transformers' smart_resize, no image through the real SFT or agent pipeline exceeds the bound, the bound is
+reached, and the large recipes derive theirs."""
 
 from __future__ import annotations
 
@@ -9,11 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as hf_smart_resize
 
 from gsjax.data.images import grid_of_size
 from gsjax.data.skips import BadRecord
-from gsjax.processing.frame_rows import largest_agent_frame, largest_sft_frame, resize_many
-from gsjax.processing.images import ImageProcessorConfig, image_grid, smart_resize
+from gsjax.processing.frame_rows import largest_agent_frame, largest_sft_frame
+from gsjax.processing.images import ImageProcessorConfig, image_grid, smart_resize, smart_resize_many
 from gsjax.train.config import SFTConfig, SFTConfigError
 from gsjax.train.grpo_config import GRPOConfig
 
@@ -26,15 +27,16 @@ def _random_sizes(count: int, largest: int, seed: int) -> list[tuple[int, int]]:
     return [(int(h), int(w)) for h, w in sides]
 
 
-def test_vectorised_resize_equals_smart_resize() -> None:
+def test_vectorised_resize_equals_the_reference_smart_resize() -> None:
+    """smart_resize_many (which smart_resize and the bounds use) against transformers' own function."""
     sizes = _random_sizes(20000, 40000, seed=1) + [(300, 400), (78, 12756), (1, 150), (15, 3000), (16, 48)]
     h = np.array([s[0] for s in sizes])
     w = np.array([s[1] for s in sizes])
     for lo, hi in [(65536, 160000), (1024, 16384), (4096, 4096)]:
-        got_h, got_w, ok = resize_many(h, w, 32, lo, hi)
+        got_h, got_w, ok = smart_resize_many(h, w, 32, lo, hi)
         for i, (height, width) in enumerate(sizes):
             try:
-                expected = smart_resize(height, width, 32, lo, hi)
+                expected = hf_smart_resize(height, width, 32, lo, hi)
             except ValueError:
                 assert not ok[i]
                 continue

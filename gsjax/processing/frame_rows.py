@@ -3,8 +3,8 @@
 The banded vision attention is only exact when no frame is larger than its bound, and a bound set too high
 wastes the band. Smart-resize rounds each side to a multiple of 32, so a frame can exceed max_pixels / 16²
 (thin images round up, small ones grow past min_pixels), and guessing the bound by hand is error-prone. Here it
-is computed by pushing every reachable image size through a vectorised copy of `images.smart_resize`
-(checked against it in tests/processing/test_frame_rows.py).
+is computed by pushing every reachable image size through `images.smart_resize_many`, the array form of the
+processor's smart-resize (tests/test_frame_rows.py).
 
 Reachable sizes: for SFT, LLaMA-Factory's pre-shrink leaves every image at most `max_pixels` (sides truncated
 after scaling), so every (h, w) with h·w <= max_pixels. For the agent, any download is first smart-resized to
@@ -20,28 +20,9 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from .images import MAX_ASPECT_RATIO, ImageProcessorConfig
+from .images import MAX_ASPECT_RATIO, ImageProcessorConfig, smart_resize_many
 
 _PAIRS_PER_CHUNK = 1 << 22
-
-
-def resize_many(height: np.ndarray, width: np.ndarray, factor: int, min_pixels: int,
-                max_pixels: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """`smart_resize` over arrays: (h_bar, w_bar, ok), ok False where smart_resize refuses the aspect ratio."""
-    h = height.astype(np.float64)
-    w = width.astype(np.float64)
-    ok = np.maximum(h, w) / np.minimum(h, w) <= MAX_ASPECT_RATIO
-    h_bar = np.round(h / factor) * factor  # half to even, as Python's round
-    w_bar = np.round(w / factor) * factor
-    shrink = h_bar * w_bar > max_pixels
-    grow = ~shrink & (h_bar * w_bar < min_pixels)
-    beta = np.sqrt(h * w / max_pixels)
-    h_bar = np.where(shrink, np.maximum(factor, np.floor(h / beta / factor) * factor), h_bar)
-    w_bar = np.where(shrink, np.maximum(factor, np.floor(w / beta / factor) * factor), w_bar)
-    beta = np.sqrt(min_pixels / (h * w))
-    h_bar = np.where(grow, np.ceil(h * beta / factor) * factor, h_bar)
-    w_bar = np.where(grow, np.ceil(w * beta / factor) * factor, w_bar)
-    return h_bar.astype(np.int64), w_bar.astype(np.int64), ok
 
 
 def _sizes_up_to(area: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -63,7 +44,7 @@ def _sizes_up_to(area: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
 
 
 def _largest_rows(h: np.ndarray, w: np.ndarray, cfg: ImageProcessorConfig) -> int:
-    h_bar, w_bar, ok = resize_many(h, w, cfg.factor, cfg.min_pixels, cfg.max_pixels)
+    h_bar, w_bar, ok = smart_resize_many(h, w, cfg.factor, cfg.min_pixels, cfg.max_pixels)
     rows = (h_bar // cfg.patch_size) * (w_bar // cfg.patch_size)
     return int(rows[ok].max(initial=0))
 
@@ -108,7 +89,7 @@ def largest_agent_frame(view_min_pixels: int, view_max_pixels: int, cfg: ImagePr
     # below 2.25 x view_min or 45000: all of them are enumerated.
     small = max(int(2.25 * view_min_pixels) + 1, 15 * 15 * MAX_ASPECT_RATIO)
     for h, w in _sizes_up_to(small):
-        vh, vw, ok = resize_many(h, w, f, view_min_pixels, view_max_pixels)
+        vh, vw, ok = smart_resize_many(h, w, f, view_min_pixels, view_max_pixels)
         grown = ok & (np.round(h / f) * np.round(w / f) * f * f < view_min_pixels)
         if grown.any():
             best = max(best, _largest_rows(vh[grown], vw[grown], cfg))

@@ -11,7 +11,6 @@ channel, which is both exact and cheap.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,6 +119,27 @@ class ImageProcessorConfig:
         }
 
 
+def smart_resize_many(height: np.ndarray, width: np.ndarray, factor: int = 32, min_pixels: int = 65536,
+                      max_pixels: int = 16777216) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`smart_resize` over arrays of positive sizes: (h_bar, w_bar, ok), ok False where the aspect ratio is
+    refused. float64 throughout, as the reference's Python floats (np.round is half-to-even like `round`), so
+    both give the same sizes; `frame_rows` pushes millions of sizes through it."""
+    h = np.asarray(height, np.float64)
+    w = np.asarray(width, np.float64)
+    ok = np.maximum(h, w) / np.minimum(h, w) <= MAX_ASPECT_RATIO
+    h_bar = np.round(h / factor) * factor
+    w_bar = np.round(w / factor) * factor
+    shrink = h_bar * w_bar > max_pixels
+    grow = ~shrink & (h_bar * w_bar < min_pixels)
+    beta = np.sqrt(h * w / max_pixels)
+    h_bar = np.where(shrink, np.maximum(factor, np.floor(h / beta / factor) * factor), h_bar)
+    w_bar = np.where(shrink, np.maximum(factor, np.floor(w / beta / factor) * factor), w_bar)
+    beta = np.sqrt(min_pixels / (h * w))
+    h_bar = np.where(grow, np.ceil(h * beta / factor) * factor, h_bar)
+    w_bar = np.where(grow, np.ceil(w * beta / factor) * factor, w_bar)
+    return h_bar.astype(np.int64), w_bar.astype(np.int64), ok
+
+
 def smart_resize(
     height: int, width: int, factor: int = 32, min_pixels: int = 65536, max_pixels: int = 16777216
 ) -> tuple[int, int]:
@@ -128,20 +148,11 @@ def smart_resize(
     Python `round` is half-to-even, as in the reference (300x400 -> 288x384)."""
     if height <= 0 or width <= 0:
         raise ValueError(f"image size must be positive, got {height}x{width}")
-    ratio = max(height, width) / min(height, width)
-    if ratio > MAX_ASPECT_RATIO:
+    h_bar, w_bar, ok = smart_resize_many(np.array([height]), np.array([width]), factor, min_pixels, max_pixels)
+    if not ok[0]:
+        ratio = max(height, width) / min(height, width)
         raise ValueError(f"aspect ratio {ratio:.1f} of a {height}x{width} image exceeds {MAX_ASPECT_RATIO}")
-    h_bar = round(height / factor) * factor
-    w_bar = round(width / factor) * factor
-    if h_bar * w_bar > max_pixels:
-        beta = math.sqrt((height * width) / max_pixels)
-        h_bar = max(factor, math.floor(height / beta / factor) * factor)
-        w_bar = max(factor, math.floor(width / beta / factor) * factor)
-    elif h_bar * w_bar < min_pixels:
-        beta = math.sqrt(min_pixels / (height * width))
-        h_bar = math.ceil(height * beta / factor) * factor
-        w_bar = math.ceil(width * beta / factor) * factor
-    return h_bar, w_bar
+    return int(h_bar[0]), int(w_bar[0])
 
 
 def image_grid(height: int, width: int, cfg: ImageProcessorConfig) -> tuple[int, int, int]:
