@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from gsjax.agent.prompts import SYSTEM_PROMPT_STYLES
+
 CACHE_MODES = ("off", "record", "replay", "replay-or-record")
 
 
@@ -63,6 +65,7 @@ class AgentConfig:
     image_factor: int = 32
     date: str = field(default_factory=lambda: _dt.date.today().isoformat())
     episode_concurrency: int = 5
+    system_prompt: str = "full"  # or "compact" (prompts.py): same protocol, ~1/4 of the tokens
 
     def __post_init__(self) -> None:
         if self.max_llm_calls < 1:
@@ -70,6 +73,9 @@ class AgentConfig:
         if self.max_reference_images < 1:
             raise ValueError(f"AgentConfig.max_reference_images must be >= 1, got {self.max_reference_images}")
         _dt.date.fromisoformat(self.date)  # a bad date string names itself in the ValueError
+        if self.system_prompt not in SYSTEM_PROMPT_STYLES:
+            raise ValueError(f"AgentConfig.system_prompt must be one of {', '.join(SYSTEM_PROMPT_STYLES)}, "
+                             f"got {self.system_prompt!r}")
 
 
 @dataclass(frozen=True)

@@ -368,7 +368,7 @@ class Episode:
         start = time.monotonic()
         schemas = self.tools.schemas()
         self._append("system", system_prompt(schemas, self.cfg.max_tool_calls_advertised,
-                                             self.cfg.max_reference_images, self.cfg.date))
+                                             self.cfg.max_reference_images, self.cfg.date, self.cfg.system_prompt))
         self._append("user", self.task.prompt)
         try:
             await self._main_rounds()

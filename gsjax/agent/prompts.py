@@ -3,6 +3,11 @@
 The released checkpoint keys on certain trigger words (FINAL STEP, RESPONSE TOO LONG, TRUNCATED),
 so those stay verbatim; everything else is ours. Numbers in the text come from config so the prompt
 can never disagree with the validator (§8 item 5).
+
+Two styles: `full` (the default, the upstream prompt's rules in full, ~1,240 tokens with the three tools) and
+`compact` (the same protocol, budget, trigger words and answer form in ~250 tokens, the tools as one-line
+signatures) for small models trained from scratch, where attention over a long constant prompt is most of the
+cost of every SFT step and rollout (the CPU demo).
 """
 
 from __future__ import annotations
@@ -80,9 +85,49 @@ Proceed step by step, never repeat a search, and keep your thinking short.
  """
 
 
-def system_prompt(schemas: Sequence[dict[str, Any]], max_tool_calls: int, max_refs: int, date: str) -> str:
-    """System prompt followed immediately by the date as YYYY-MM-DD (spec §2.1)."""
-    return system_prompt_text(schemas, max_tool_calls, max_refs) + date
+def _tool_signature(schema: dict[str, Any]) -> str:
+    """`name(arg: type, opt?: type): description` from an OpenAI function schema."""
+    fn = schema["function"]
+    params = fn.get("parameters", {})
+    required = set(params.get("required", []))
+    args = []
+    for name, spec in params.get("properties", {}).items():
+        kind = spec.get("type", "any")
+        if kind == "array":
+            kind = f"list[{spec.get('items', {}).get('type', 'any')}]"
+        args.append(f"{name}{'' if name in required else '?'}: {kind}")
+    return f"{fn['name']}({', '.join(args)}): {fn.get('description', '')}"
+
+
+def compact_system_prompt_text(schemas: Sequence[dict[str, Any]], max_tool_calls: int, max_refs: int) -> str:
+    """The `compact` style: the protocol the validator enforces, nothing else; same tail as the full one."""
+    refs = "1 reference image" if max_refs == 1 else f"1 to {max_refs} reference images"
+    tools = "\n".join(f"- {_tool_signature(s)}" for s in schemas)
+    return f"""You find facts and reference images on the web for an image generator, then write one grounded generation prompt.
+
+Each turn: <think>...</think> then exactly one of
+<tool_call>
+{{"name": <function-name>, "arguments": <args-json-object>}}
+</tool_call>
+or <answer>{{...}}</answer>.
+If a message says "FINAL STEP": output only the <answer>. If it says "RESPONSE TOO LONG" or "TRUNCATED": skip <think>, reply very short.
+At most {max_tool_calls} tool calls; call image_search at least once; never repeat a query.
+Answer: {ANSWER_SKELETON} with {refs}, ids from image_search results only; gen_prompt names them by ordinal ("the first reference image"), never by id.
+
+Tools:
+{tools}
+ """
+
+
+SYSTEM_PROMPT_STYLES = {"full": system_prompt_text, "compact": compact_system_prompt_text}
+
+
+def system_prompt(schemas: Sequence[dict[str, Any]], max_tool_calls: int, max_refs: int, date: str,
+                  style: str = "full") -> str:
+    """System prompt of the given style followed immediately by the date as YYYY-MM-DD (spec §2.1)."""
+    if style not in SYSTEM_PROMPT_STYLES:
+        raise ValueError(f"unknown system prompt style {style!r} (known: {', '.join(SYSTEM_PROMPT_STYLES)})")
+    return SYSTEM_PROMPT_STYLES[style](schemas, max_tool_calls, max_refs) + date
 
 
 def final_step_notice(max_refs: int) -> str:

@@ -27,7 +27,7 @@ class DemoConfig:
     grpo_steps: int = 6
     sft_records: int | None = None  # None: every built-in trajectory (3 prompt wordings x 10 subjects)
     sft_lr: float = 1e-2  # 5e-3 was tried: no more reliable (sft_config)
-    sft_seq_len: int = 2560  # one length bucket: one compiled step (and the record order SFT was tuned with)
+    sft_seq_len: int = 1408  # one length bucket: one compiled step (and the record order SFT was tuned with)
     grpo_lr: float = 1e-4
     prompts_per_step: int = 2
     group_size: int = 4
@@ -35,7 +35,7 @@ class DemoConfig:
     top_p: float = 0.9
     max_llm_calls: int = 4
     max_new_tokens_per_turn: int = 160
-    max_context_tokens: int = 3072
+    max_context_tokens: int = 2048
     generator_steps: int = 2  # denoising steps of the tiny pipeline (random weights: more buys nothing)
     seed: int = 0
     fresh: bool = False  # delete what the work folder holds first, the compilation cache excepted

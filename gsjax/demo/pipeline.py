@@ -127,7 +127,8 @@ def grpo_config(cfg: DemoConfig, layout: Layout, generator_url: str) -> GRPOConf
         "env": {"kind": "agent", "max_llm_calls": cfg.max_llm_calls,
                 "max_new_tokens_per_turn": cfg.max_new_tokens_per_turn, "max_context_tokens": cfg.max_context_tokens,
                 "max_reference_images": agent.max_reference_images, "image_max_pixels": agent.image_max_pixels,
-                "image_min_pixels": agent.image_min_pixels, "date": agent.date, "tools_backend": "local"},
+                "image_min_pixels": agent.image_min_pixels, "date": agent.date, "tools_backend": "local",
+                "system_prompt": agent.system_prompt},
         "reward": {"mode": "dual", "text_coef": 0.5, "judge": "heuristic", "generator": "server",
                    "generator_urls": [generator_url], "generation_attempts": 1, "workers": 2},
         # the sampler's logprobs are the old policy's (one update per step): no recompute pass to compile

@@ -140,9 +140,10 @@ class ScriptedPolicy:
 def demo_agent_config(**overrides: Any) -> AgentConfig:
     """Budgets and image sizes shared by the SFT episodes and the GRPO rollouts, so the policy sees the same
     system prompt (tool budget, reference count, date) and the same image grids in both: one 256x256 view
-    per image (64 tokens), few rounds."""
+    per image (64 tokens), few rounds. The compact system prompt (318 tokens instead of 1,240) makes every
+    SFT sequence and rollout ~900 tokens shorter: the prompt was 60 % of each record."""
     values: dict[str, Any] = dict(max_llm_calls=5, max_reference_images=2, image_max_pixels=256 * 256,
-                                  image_min_pixels=256 * 256, date=DEMO_DATE)
+                                  image_min_pixels=256 * 256, date=DEMO_DATE, system_prompt="compact")
     return AgentConfig(**{**values, **overrides})
 
 

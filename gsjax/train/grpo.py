@@ -28,7 +28,7 @@ import numpy as np
 from flax import nnx
 from rich.console import Console
 
-from gsjax.agent.config import AgentConfig, ToolsConfig
+from gsjax.agent.config import ToolsConfig
 from gsjax.agent.engine_policy import EnginePolicyConfig
 from gsjax.compile_cache import use_compile_cache
 from gsjax.models.qwen3_vl.config import Qwen3VLConfig
@@ -159,9 +159,7 @@ def make_environment(cfg: GRPOConfig, engine: RolloutEngine, model_cfg: Qwen3VLC
                               e.toy_prompt_len, e.toy_new_tokens, r.temperature, r.top_p, r.top_k, r.seed)
     from gsjax.processing.tokenizer import load_tokenizer
 
-    agent_cfg = AgentConfig(max_llm_calls=e.max_llm_calls, max_new_tokens_per_turn=e.max_new_tokens_per_turn,
-                            max_reference_images=e.max_reference_images, image_max_pixels=e.image_max_pixels,
-                            image_min_pixels=e.image_min_pixels, date=e.date, episode_concurrency=r.concurrency)
+    agent_cfg = e.agent_config(r.concurrency)
     image_cfg = e.image_processor(model_cfg.vision)
     policy_cfg = EnginePolicyConfig(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
                                     max_context_tokens=e.max_context_tokens)

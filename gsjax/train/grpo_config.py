@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from gsjax.agent.config import AgentConfig
 from gsjax.models.qwen3_vl.config import Qwen3VLConfig, VisionConfig
 from gsjax.parallel.mesh import MeshConfig
 from gsjax.parallel.sharding import MeshAxes, Rules, rules_from_config
@@ -83,6 +84,7 @@ class EnvSection:
     image_max_pixels: int = 160_000
     image_min_pixels: int = 65_536
     date: str = "2025-06-01"  # fixed, so prompts (and resumed runs) do not change with the calendar
+    system_prompt: Literal["full", "compact"] = "full"  # the agent's prompt style (gsjax/agent/prompts.py)
     tools_backend: Literal["local", "serper"] = "local"
     local_corpus_dir: str | None = None  # None: the built-in offline corpus
     keep_episode_dirs: bool = True
@@ -90,6 +92,13 @@ class EnvSection:
     toy_new_tokens: int = 4
     toy_target_low: int = 0
     toy_target_high: int = 32
+
+    def agent_config(self, concurrency: int) -> AgentConfig:
+        """The agent loop's budgets, image sizes, date and prompt style for this environment's episodes."""
+        return AgentConfig(max_llm_calls=self.max_llm_calls, max_new_tokens_per_turn=self.max_new_tokens_per_turn,
+                           max_reference_images=self.max_reference_images, image_max_pixels=self.image_max_pixels,
+                           image_min_pixels=self.image_min_pixels, date=self.date, episode_concurrency=concurrency,
+                           system_prompt=self.system_prompt)
 
     def image_processor(self, vision: VisionConfig) -> ImageProcessorConfig:
         """The processor of the policy's views: the tower's patch geometry, this section's pixel range."""

@@ -132,6 +132,31 @@ def test_system_prompt_covers_the_spec_points_in_order() -> None:
     assert "1 to 5 items" in _prompt(5)
 
 
+def test_compact_system_prompt_keeps_the_protocol_in_a_quarter_of_the_text() -> None:
+    cfg = ToolsConfig()
+    schemas = [search_schema(cfg), image_search_schema(cfg), browse_schema(cfg)]
+    text = system_prompt(schemas, 6, 2, "2031-02-03", style="compact")
+    assert text.endswith("\n 2031-02-03")
+    for phrase in ("<think>...</think>", "<tool_call>", '{"name": <function-name>, "arguments": <args-json-object>}',
+                   "<answer>", "FINAL STEP", "RESPONSE TOO LONG", "TRUNCATED", "At most 6 tool calls",
+                   "image_search at least once", "1 to 2 reference images", '"gen_prompt"', '"reference_images"',
+                   "the first reference image"):
+        assert phrase in text, phrase
+    # each tool as a signature from its schema: required args plain, optional ones marked
+    assert "- search(queries: list[string], top_k?: integer): Web search." in text
+    assert "- image_search(query: string, top_k?: integer): Image search." in text
+    assert "- browse(url: string, query: string): Read a web page" in text
+    assert len(text) * 3 < len(system_prompt(schemas, 6, 2, "2031-02-03"))
+    assert "with 1 reference image," in system_prompt(schemas, 6, 1, "2031-02-03", style="compact")
+
+
+def test_unknown_system_prompt_style_is_refused_by_name() -> None:
+    with pytest.raises(ValueError, match="'terse'.*full, compact"):
+        system_prompt([], 8, 3, "2031-02-03", style="terse")
+    with pytest.raises(ValueError, match="AgentConfig.system_prompt.*'terse'"):
+        AgentConfig(system_prompt="terse")
+
+
 def test_notices_carry_their_trigger_words() -> None:
     final = final_step_notice(3)
     assert "FINAL STEP" in final and "<answer>" in final and "gen_prompt" in final and "ignored" in final

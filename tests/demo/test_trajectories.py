@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from gsjax.agent.config import AgentConfig, ToolsConfig
+from gsjax.agent.config import ToolsConfig
 from gsjax.agent.prompts import system_prompt
 from gsjax.agent.protocol import parse_turn
 from gsjax.agent.tools.browse import browse_schema
@@ -17,6 +17,8 @@ from gsjax.agent.tools.image_search import image_search_schema
 from gsjax.agent.tools.search import search_schema
 from gsjax.data import SFTDataConfig, make_sft_loader
 from gsjax.data.records import read_records, to_chat
+from gsjax.demo.context import DemoConfig, Layout
+from gsjax.demo.pipeline import grpo_config
 from gsjax.demo.trajectories import (
     DEMO_DATE,
     demo_agent_config,
@@ -71,24 +73,35 @@ def test_tool_calls_and_answers_parse_with_the_protocol(data: Path) -> None:
     assert used == TOOLS
 
 
-def test_system_prompt_equals_the_grpo_rollouts_one(data: Path) -> None:
-    """GRPO builds its AgentConfig from env.* and ToolsConfig(backend=local): the demo must show the same text."""
+def test_system_prompt_equals_the_grpo_rollouts_one(data: Path, tmp_path: Path) -> None:
+    """GRPO builds its AgentConfig from env.* and ToolsConfig(backend=local): the demo must show the same text,
+    in the compact style (a quarter of the full prompt's tokens)."""
     record = read_records(data / "sft.jsonl")[0]
     cfg = ToolsConfig(backend="local")
-    agent = AgentConfig(max_reference_images=demo_agent_config().max_reference_images, date=DEMO_DATE)
+    env = grpo_config(DemoConfig(), Layout(tmp_path), "http://127.0.0.1:1").env
+    agent = env.agent_config(concurrency=1)
     expected = system_prompt([search_schema(cfg), image_search_schema(cfg), browse_schema(cfg)],
-                             agent.max_tool_calls_advertised, agent.max_reference_images, agent.date)
+                             agent.max_tool_calls_advertised, agent.max_reference_images, agent.date,
+                             agent.system_prompt)
+    assert agent.date == DEMO_DATE and agent.system_prompt == "compact"
     assert record["messages"][0]["content"] == expected
+    tokens = len(load_tokenizer().encode(expected))
+    assert tokens < 400, tokens
 
 
 def test_the_sft_loader_accepts_every_record(data: Path) -> None:
-    cfg = SFTDataConfig(path=str(data / "sft.jsonl"), batch_size=1, buckets=(2560,), cutoff_len=2560,
+    seq = DemoConfig().sft_seq_len
+    cfg = SFTDataConfig(path=str(data / "sft.jsonl"), batch_size=1, buckets=(seq,), cutoff_len=seq,
                         max_pixels=65536, min_pixels=65536, shuffle=False, num_epochs=1, on_bad_record="error",
                         vision_row_buckets=(512,))
     with make_sft_loader(cfg, load_tokenizer(), preset("tiny")) as loader:
-        batch = next(loader)
+        batches = list(loader)
         assert loader.stats["skipped"] == 0 and loader.stats["valid"] == 30
-    assert batch["input_ids"].shape == (1, 2560)
+    assert len(batches) == 30
+    batch = batches[0]
+    assert batch["input_ids"].shape == (1, seq)
+    # no record is cut at the demo's one length bucket (a cut answer would teach half a tool call)
+    assert max(int(b["attention_mask"].sum()) for b in batches) < seq
     assert int(batch["target_mask"].sum()) > 100  # the assistant turns are trained on
 
 
