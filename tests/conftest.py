@@ -39,12 +39,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     """Tests marked `slow` run first, so that with two CI workers (`make test`, which keeps this order with
     --no-loadscope-reorder) the longest files start while the other worker takes the many short ones. Tests
     marked `gpu` need an accelerator; on a CPU-only machine they are skipped, never failed. Tests marked
-    `full_demo` run the demo at its default size and only when asked (`GSJAX_FULL_DEMO_TESTS=1`): alone they
-    would take two thirds of CI's 30-minute budget."""
+    `full_demo` run the demo at its default size and only when asked (`GSJAX_FULL_DEMO_TESTS=1`): 4.5 minutes
+    alone, and their outcome (a tiny model's greedy turns after 500 steps) can move with a CPU's float
+    summation order."""
     items.sort(key=lambda item: "slow" not in item.keywords)  # stable: file order is kept otherwise
     if os.environ.get(FULL_DEMO_ENV) != "1":
-        skip_demo = pytest.mark.skip(reason=f"the default-size demo run (about 10 min alone on 2 cores, 19 under "
-                                            f"CI's two workers); set {FULL_DEMO_ENV}=1 to run it")
+        skip_demo = pytest.mark.skip(reason=f"the default-size demo run (about 4.5 min alone on 2 "
+                                            f"cores); set {FULL_DEMO_ENV}=1 to run it")
         for item in items:
             if "full_demo" in item.keywords:
                 item.add_marker(skip_demo)

@@ -19,13 +19,13 @@ STAGES = ("trajectories", "sft", "grpo", "report")
 
 @dataclass(frozen=True)
 class DemoConfig:
-    """Sizes of the demo. Defaults take 9-11 minutes on a 2-core CPU (SFT 5.5-6); tests shrink the step counts."""
+    """Sizes of the demo. Defaults take 7.5-8 minutes on a 2-core CPU (SFT about 4); tests shrink the step counts."""
 
     workdir: Path = Path("runs/demo")
     model_preset: str = "tiny"
     sft_steps: int = 500  # at 300, greedy first turns sat one near-tie from a broken tool-call tag
     grpo_steps: int = 6
-    sft_records: int | None = None  # None: every built-in trajectory (3 prompt wordings x 10 subjects)
+    sft_records: int | None = None  # None: every built-in trajectory (6 prompt wordings x 10 subjects)
     sft_lr: float = 1e-2  # 5e-3 was tried: no more reliable (sft_config)
     sft_seq_len: int = 1408  # one length bucket: one compiled step (and the record order SFT was tuned with)
     grpo_lr: float = 1e-4

@@ -21,7 +21,7 @@ from typing import IO, Self
 
 import httpx
 
-from gsjax.imagegen.tiny import TINY_CALL_DEFAULTS
+from gsjax.imagegen.tiny import TINY_CALL_DEFAULTS, TINY_REFERENCE_VAE_AREA
 
 
 class ServerStartError(RuntimeError):
@@ -82,7 +82,7 @@ class ImageServer:
         return [sys.executable, "-m", "gsjax.cli", "serve-image", "--pipeline-path", str(self.pipeline_path),
                 "--host", self.host, "--port", str(self.port), "--device", "cpu", "--dtype", "float32",
                 "--height", str(TINY_CALL_DEFAULTS["height"]), "--width", str(TINY_CALL_DEFAULTS["width"]),
-                "--log-level", "warning"]
+                "--reference-vae-area", str(TINY_REFERENCE_VAE_AREA), "--log-level", "warning"]
 
     def launch(self) -> None:
         """Start the process without waiting for it (so model loading overlaps other work)."""

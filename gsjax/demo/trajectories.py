@@ -32,10 +32,14 @@ DEMO_DATE = "2025-06-01"  # pinned, so SFT records and GRPO rollouts show the po
 IMAGE_PLACEHOLDER = "<image>"
 
 # (prompt template, plan): "short" = search, image_search, answer; "browse" adds a browse after the search.
+# Six wordings, so that copying the request's style into the answer is learnt as copying (pipeline.sft_config).
 SFT_TEMPLATES: tuple[tuple[str, str], ...] = (
     ("Create a photorealistic poster of the {name} at golden hour, true to its real appearance.", "short"),
     ("Generate a museum-catalogue photo of the {name}, accurate in shape, colour and materials.", "browse"),
     ("Draw a travel-magazine cover featuring the {name}, with one real fact about it in the caption.", "short"),
+    ("Paint a watercolour of the {name} that an expert would recognise at once.", "short"),
+    ("Produce a children's-book illustration of the {name}, keeping its true proportions.", "browse"),
+    ("Render a night-time photograph of the {name} with its real colours.", "short"),
 )
 RL_TEMPLATE = "Make a postcard image of the {name} that gets its real-world look right."
 

@@ -55,6 +55,7 @@ def build_app(
     image_input: str | None = None,
     height: int | None = None,
     width: int | None = None,
+    reference_vae_area: int | None = None,
     max_reference_images: int = 3,
     max_body_bytes: int = 64 * 2**20,
     max_image_pixels: int = 40_000_000,
@@ -80,11 +81,17 @@ def build_app(
         dtype=dtype,
         image_input=pipelines.ImageInput(image_input) if image_input else None,
         call_defaults=call_defaults,
+        reference_vae_area=reference_vae_area,
     )
     try:
-        pipelines.pipeline_class(pipelines.resolve_class_name(spec))
+        cls = pipelines.pipeline_class(pipelines.resolve_class_name(spec))
     except (OSError, ValueError, TypeError) as exc:
         raise typer.BadParameter(str(exc), param_hint="--pipeline-path / --pipeline-class") from None
+    if reference_vae_area is not None:
+        try:
+            pipelines.set_reference_vae_area(cls, reference_vae_area)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--reference-vae-area") from None
     devices = devices or pipelines.available_devices()
     check_devices(devices)
     try:
@@ -131,6 +138,9 @@ def serve_image(
     ] = None,
     height: Annotated[int | None, typer.Option(help="Output height when a request sets none.")] = None,
     width: Annotated[int | None, typer.Option(help="Output width when a request sets none.")] = None,
+    reference_vae_area: Annotated[int | None, typer.Option(
+        help="Pixels at which each reference is VAE-encoded (Qwen-Image-Edit-Plus: 1024*1024 by default). "
+             "For tiny test pipelines on a CPU; the real model expects its default.")] = None,
     max_reference_images: Annotated[int, typer.Option(help="More image_urls than this is a 400.")] = 3,
     max_body_bytes: Annotated[int, typer.Option(help="Larger request bodies are a 413.")] = 64 * 2**20,
     max_image_pixels: Annotated[int, typer.Option(help="Larger reference images are a 400.")] = 40_000_000,
@@ -155,6 +165,7 @@ def serve_image(
         image_input=image_input,
         height=height,
         width=width,
+        reference_vae_area=reference_vae_area,
         max_reference_images=max_reference_images,
         max_body_bytes=max_body_bytes,
         max_image_pixels=max_image_pixels,

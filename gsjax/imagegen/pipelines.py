@@ -16,6 +16,7 @@ import gc
 import importlib.util
 import inspect
 import json
+import sys
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -24,6 +25,9 @@ from typing import Any
 from gsjax.imagegen.schema import GenerationParams
 
 QWEN_PROCESSOR_CLASSES = ("Qwen2VLProcessor", "Qwen2_5_VLProcessor")
+
+
+REFERENCE_AREA_CONSTANT = "VAE_IMAGE_SIZE"
 
 
 class ImageInput(str, Enum):
@@ -45,6 +49,7 @@ class PipelineSpec:
     dtype: str = "auto"
     image_input: ImageInput | None = None
     call_defaults: dict[str, Any] = field(default_factory=dict)
+    reference_vae_area: int | None = None  # see set_reference_vae_area; None keeps the pipeline's own
 
 
 def pipeline_class(class_name: str) -> type:
@@ -141,9 +146,27 @@ def _component_overrides(path: Path) -> dict[str, Any]:
     return overrides
 
 
+def set_reference_vae_area(cls: type, area: int) -> None:
+    """Make `cls` VAE-encode each reference image at about `area` pixels (aspect kept).
+
+    Qwen-Image-Edit-Plus reads the area from a module constant (`VAE_IMAGE_SIZE`, 1024 x 1024, what the real
+    model was trained with), whatever the output size. A tiny test pipeline spent 95 % of a 64 x 64 call
+    encoding a reference at that size on a CPU (1.6 of 1.7 s). The constant is per module, so this is for a
+    server process that loads one pipeline class; any other class is refused by name."""
+    module = sys.modules[cls.__module__]
+    if not hasattr(module, REFERENCE_AREA_CONSTANT):
+        raise ValueError(f"{cls.__name__} has no {REFERENCE_AREA_CONSTANT} in {cls.__module__}: a reference VAE "
+                         "area applies to pipelines that encode references at a fixed area (QwenImageEditPlusPipeline)")
+    if area < 32 * 32:
+        raise ValueError(f"reference VAE area must be >= {32 * 32} pixels, got {area}")
+    setattr(module, REFERENCE_AREA_CONSTANT, area)
+
+
 def load_pipeline(spec: PipelineSpec, device: str) -> Any:
     """Load `spec.class_name` from `spec.path` onto `device`, local files only."""
     cls = pipeline_class(resolve_class_name(spec))
+    if spec.reference_vae_area is not None:
+        set_reference_vae_area(cls, spec.reference_vae_area)
     path = Path(spec.path)
     pipe = cls.from_pretrained(
         path, dtype=resolve_dtype(spec.dtype, device), local_files_only=True, **_component_overrides(path)

@@ -2,7 +2,8 @@
 CPU (tests, demos) with the same diffusers classes and folder layout as the real models.
 
 `QwenImageEditPlusPipeline` VAE-encodes every reference at a fixed ~1024x1024 area (a module constant), so
-the tiny VAE downsamples 32x (five levels) with 4 base channels to keep a CPU call to a few seconds.
+the tiny VAE downsamples 32x (five levels) with 4 base channels to keep a CPU call to a few seconds; a server
+for demos also lowers that area (`--reference-vae-area`, TINY_REFERENCE_VAE_AREA).
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ TINY_SPECIAL_TOKENS = (
 TINY_CALL_DEFAULTS = {"height": 64, "width": 64}
 """Output size for the tiny pipeline (a multiple of its 64-pixel latent patch); the real model's default
 (~1024x1024) would cost seconds per VAE decode on CPU."""
+TINY_REFERENCE_VAE_AREA = 128 * 128
+"""Area at which the tiny edit pipeline VAE-encodes a reference when served for demos (a 2x2 grid of
+64-pixel latent patches); at the pipeline's fixed 1024x1024 encoding a 64x64 call took 1.7 s on 2 cores."""
 
 
 def _tiny_tokenizer() -> Any:

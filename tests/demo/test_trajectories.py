@@ -21,6 +21,7 @@ from gsjax.demo.context import DemoConfig, Layout
 from gsjax.demo.pipeline import grpo_config
 from gsjax.demo.trajectories import (
     DEMO_DATE,
+    SFT_TEMPLATES,
     demo_agent_config,
     demo_tools_config,
     write_rl_tasks,
@@ -43,7 +44,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_every_record_is_a_valid_sharegpt_agent_trajectory(data: Path) -> None:
     records = read_records(data / "sft.jsonl")
-    assert len(records) == 30
+    assert len(records) == len(SFT_TEMPLATES) * 10 == 60  # every wording x every corpus subject
     for record in records:
         chat = to_chat(record, data)  # raises BadRecord on any rule violation
         assert all(p.is_file() for p in chat.image_paths)
@@ -96,8 +97,8 @@ def test_the_sft_loader_accepts_every_record(data: Path) -> None:
                         vision_row_buckets=(512,))
     with make_sft_loader(cfg, load_tokenizer(), preset("tiny")) as loader:
         batches = list(loader)
-        assert loader.stats["skipped"] == 0 and loader.stats["valid"] == 30
-    assert len(batches) == 30
+        assert loader.stats["skipped"] == 0 and loader.stats["valid"] == 60
+    assert len(batches) == 60
     batch = batches[0]
     assert batch["input_ids"].shape == (1, seq)
     # no record is cut at the demo's one length bucket (a cut answer would teach half a tool call)
@@ -112,3 +113,18 @@ def test_rl_tasks_are_readable_by_grpo(data: Path) -> None:
     assert len({p.question for p in prompts}) == 10
     rows = json.loads((data / "rl_tasks.json").read_text())
     assert {"id", "prompt", "gt_image"} <= set(rows[0])
+
+
+def test_answers_copy_the_request_style_and_the_rl_wording_is_held_out(data: Path) -> None:
+    """Six wordings teach the model to copy the request's style into gen_prompt (three taught it three styles
+    by heart); the RL prompts use a seventh, so GRPO sees a wording SFT never showed."""
+    styles = set()
+    for record in read_records(data / "sft.jsonl"):
+        request = record["messages"][1]["content"]
+        answer = parse_turn(record["messages"][-1]["content"]).answer
+        style = re.split(r" (?:of|featuring) the ", request)[0]
+        assert answer["gen_prompt"].startswith(f"{style} of the "), (request, answer)
+        styles.add(style)
+    assert len(styles) == len(SFT_TEMPLATES) == 6
+    rl_prompts = [row["prompt"] for row in json.loads((data / "rl_tasks.json").read_text())]
+    assert not any(p.startswith(tuple(styles)) for p in rl_prompts)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,9 +30,10 @@ def tiny_text_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "qwen-image", "text")
 
 
-def serve_pipeline(path: Path) -> LoopbackUvicorn:
+def serve_pipeline(path: Path, reference_vae_area: int | None = None) -> LoopbackUvicorn:
     """A loopback server for a tiny pipeline folder on the CPU, with small body and image limits."""
-    pool = DevicePool(DiffusersPipelineFactory(tiny_spec(path)), ["cpu"], HealthPolicy(poll_interval_s=0.05))
+    spec = dataclasses.replace(tiny_spec(path), reference_vae_area=reference_vae_area)
+    pool = DevicePool(DiffusersPipelineFactory(spec), ["cpu"], HealthPolicy(poll_interval_s=0.05))
     config = ServerConfig(max_body_bytes=MAX_BODY_BYTES, images=ImageLimits(max_pixels=MAX_IMAGE_PIXELS))
     return LoopbackUvicorn(create_app(pool, config))
 
@@ -39,14 +41,16 @@ def serve_pipeline(path: Path) -> LoopbackUvicorn:
 @pytest.fixture(scope="session")
 def edit_server(tiny_edit_path: Path) -> Iterator[LoopbackUvicorn]:
     """The edit pipeline VAE-encodes each reference at a fixed 1024x1024 area (a module constant): seconds
-    per reference on a CPU even for the tiny VAE. Shrunk here to 64x64 so a call takes well under a second;
-    every code path stays the same."""
-    from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus
+    per reference on a CPU even for the tiny VAE. Served with reference_vae_area 64x64 (the demo's option) so a
+    call takes well under a second; every code path stays the same. The constant is restored afterwards."""
+    from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as module
 
-    with pytest.MonkeyPatch.context() as patch, serve_pipeline(tiny_edit_path) as server:
-        patch.setattr(pipeline_qwenimage_edit_plus, "VAE_IMAGE_SIZE", 64 * 64)
-        ImageServerClient(server.url).wait_until_healthy(60, interval_s=0.05)
-        yield server
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(module, "VAE_IMAGE_SIZE", module.VAE_IMAGE_SIZE)  # restored when the session ends
+        with serve_pipeline(tiny_edit_path, reference_vae_area=64 * 64) as server:
+            ImageServerClient(server.url).wait_until_healthy(60, interval_s=0.05)
+            assert module.VAE_IMAGE_SIZE == 64 * 64
+            yield server
 
 
 @pytest.fixture(scope="session")

@@ -26,7 +26,7 @@ def test_help_lists_the_options():
     result = run("--help")
     assert result.exit_code == 0
     for option in ("--pipeline-path", "--host", "--port", "--device", "--dtype", "--max-reference-images",
-                   "--max-body-bytes", "--infer-timeout", "--max-queue"):
+                   "--max-body-bytes", "--infer-timeout", "--max-queue", "--reference-vae-area"):
         assert option in result.output
 
 
@@ -39,6 +39,7 @@ def test_help_lists_the_options():
         (["--image-input", "sometimes"], "choose one of ('required', 'optional', 'none')"),
         (["--pipeline-class", "NoSuchPipeline"], "'NoSuchPipeline' is not a diffusers pipeline class"),
         (["--max-queue", "-1"], "max_queue must be >= 0"),
+        (["--reference-vae-area", "16384"], "QwenImagePipeline has no VAE_IMAGE_SIZE"),  # a text-only pipeline
     ],
 )
 def test_bad_options_fail_before_anything_loads(tiny_text_path, extra, message):
