@@ -66,6 +66,7 @@ class SamplerConfig:
     max_slots: int = 16  # sequences decoded together (the decode batch)
     max_total_len: int = 4096  # KV cache length per slot: prompt + output tokens
     min_prefill_bucket: int = 64  # prompt lengths are padded to powers of two from here up to max_total_len
+    min_prefill_rows: int = 1  # prefill row counts are padded to powers of two from here up to max_slots
     max_prefill_tokens: int = 16384  # padded prompt tokens per prefill call (rows × length bucket)
     min_vision_rows: int = 256  # image patch rows are padded to powers of two from here
     decode_window_splits: int = 2  # decode windows: the prefill buckets with each octave cut in this many steps
@@ -78,6 +79,8 @@ class SamplerConfig:
                              f"devices that split the batch")
         if self.max_total_len < 2 or self.min_prefill_bucket < 1:
             raise ValueError("max_total_len must be >= 2 and min_prefill_bucket >= 1")
+        if not 1 <= self.min_prefill_rows <= self.max_slots:
+            raise ValueError(f"min_prefill_rows={self.min_prefill_rows} must be in [1, max_slots={self.max_slots}]")
         if self.decode_window_splits < 1:
             raise ValueError(f"decode_window_splits must be >= 1, got {self.decode_window_splits}")
         if self.min_reuse_tokens < 1:
@@ -129,7 +132,8 @@ class JaxSampler:
         self.model_config: Qwen3VLConfig = model.config
         self.decoder = BatchDecoder(model, c.max_slots, c.max_total_len, mesh=mesh, rules=rules,
                                     version=weight_version)
-        self.row_buckets = power_buckets(parallel, c.max_slots, multiple=parallel)
+        # fewer row buckets, fewer compiled prefill programs (each padded row costs a little compute)
+        self.row_buckets = power_buckets(max(parallel, c.min_prefill_rows), c.max_slots, multiple=parallel)
         self.length_buckets = power_buckets(min(c.min_prefill_bucket, c.max_total_len), c.max_total_len)
         # decode attends over the smallest of these that holds the longest live row: one compile per bucket
         self.window_buckets = split_buckets(self.length_buckets, c.decode_window_splits)

@@ -125,6 +125,7 @@ def make_engine(cfg: GRPOConfig, setup: ShardedSetup, state: TrainState, version
     model_cfg = cfg.model_config()
     sampler_cfg = SamplerConfig(max_slots=r.max_slots, max_total_len=r.max_total_len,
                                 min_prefill_bucket=r.min_prefill_bucket, max_prefill_tokens=r.max_prefill_tokens,
+                                min_prefill_rows=r.min_prefill_rows, decode_window_splits=r.decode_window_splits,
                                 prefix_reuse=r.prefix_reuse)
     return JaxSampler(sampler_model(setup, state, model_cfg.runtime.dtype), sampler_cfg, mesh=mesh,
                       rules=cfg.sharding_rules(), weight_version=version)

@@ -63,6 +63,8 @@ class RolloutSection:
     max_total_len: int = 36_864  # KV length per slot: covers env.max_context_tokens
     min_prefill_bucket: int = 64
     max_prefill_tokens: int = 16384
+    min_prefill_rows: int = 1  # prefill rows padded to powers of two from here: fewer programs to compile
+    decode_window_splits: int = 2  # decode windows per octave of cache length (1: fewer programs, longer reads)
     prefix_reuse: bool = True  # a turn prefills only what follows the history its slot still holds
     rollout_devices: int = 0  # 0: share the learner's mesh
     concurrency: int = 64  # episodes in flight

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from concurrent.futures import Future
 
@@ -242,3 +243,20 @@ def test_close_resolves_requests_and_refuses_new_ones(sampler_model):
     assert any(r.finish_reason == "abort" for r in results)  # the third never got a slot before close
     with pytest.raises(EngineError, match="closed"):
         engine.submit([text_request(4, greedy())])
+
+
+def test_min_prefill_rows_pads_every_prefill_to_one_row_count(sampler_model, sampler):
+    """Admission groups of 1, 2 and 3 requests share one prefill program when rows are padded to 4, and
+    the padding rows change nothing (same ids and logprobs as the default config's sampler)."""
+    batches = [[text_request(5, greedy(6))], [text_request(7, greedy(6)), text_request(9, greedy(6), start=3)],
+               [text_request(n, greedy(6), start=n) for n in (4, 6, 8)]]
+    with JaxSampler(sampler_model, dataclasses.replace(CONFIG, min_prefill_rows=4)) as padded:
+        assert padded.row_buckets == (4,)
+        results = [padded.generate_batch(batch) for batch in batches]
+        assert padded.compilations()["prefill"] == 1
+    for batch, got in zip(batches, results):
+        for want, have in zip(sampler.generate_batch(batch), got):
+            assert want.output_ids == have.output_ids
+            np.testing.assert_allclose(want.logprobs, have.logprobs, atol=1e-5)
+    with pytest.raises(ValueError, match=r"min_prefill_rows=8 must be in \[1, max_slots=4\]"):
+        JaxSampler(sampler_model, dataclasses.replace(CONFIG, min_prefill_rows=8))
