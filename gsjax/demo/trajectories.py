@@ -32,7 +32,8 @@ DEMO_DATE = "2025-06-01"  # pinned, so SFT records and GRPO rollouts show the po
 IMAGE_PLACEHOLDER = "<image>"
 
 # (prompt template, plan): "short" = search, image_search, answer; "browse" adds a browse after the search.
-# Six wordings, so that copying the request's style into the answer is learnt as copying (pipeline.sft_config).
+# Six wordings, so that copying the request's style into the answer fits them better than a few styles by
+# heart (measured: no clear change in GRPO answer rates, see pipeline.sft_config).
 SFT_TEMPLATES: tuple[tuple[str, str], ...] = (
     ("Create a photorealistic poster of the {name} at golden hour, true to its real appearance.", "short"),
     ("Generate a museum-catalogue photo of the {name}, accurate in shape, colour and materials.", "browse"),

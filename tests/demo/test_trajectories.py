@@ -116,8 +116,8 @@ def test_rl_tasks_are_readable_by_grpo(data: Path) -> None:
 
 
 def test_answers_copy_the_request_style_and_the_rl_wording_is_held_out(data: Path) -> None:
-    """Six wordings teach the model to copy the request's style into gen_prompt (three taught it three styles
-    by heart); the RL prompts use a seventh, so GRPO sees a wording SFT never showed."""
+    """Each answer copies its request's style into gen_prompt, in six wordings (so copying, not a few styles by
+    heart, is what fits them); the RL prompts use a seventh, so GRPO sees a wording SFT never showed."""
     styles = set()
     for record in read_records(data / "sft.jsonl"):
         request = record["messages"][1]["content"]
