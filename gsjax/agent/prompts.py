@@ -5,7 +5,7 @@ so those stay verbatim; everything else is ours. Numbers in the text come from c
 can never disagree with the validator (§8 item 5).
 
 Two styles: `full` (the default, the upstream prompt's rules in full, ~1,240 tokens with the three tools) and
-`compact` (the same protocol, budget, trigger words and answer form in ~250 tokens, the tools as one-line
+`compact` (the same protocol, budget, trigger words and answer form in ~320 tokens, the tools as one-line
 signatures) for small models trained from scratch, where attention over a long constant prompt is most of the
 cost of every SFT step and rollout (the CPU demo).
 """
