@@ -45,6 +45,10 @@ if TYPE_CHECKING:
 
 Hook = Callable[[str, DemoContext], None]
 
+# Query block of the CPU attention kernel: 256 compiles an SFT step in 8.9 s instead of 12.7 (a 1408-token step
+# runs in the same 0.31-0.37 s), and the 2048-token GRPO update likewise.
+ATTENTION_CHUNK = 256
+
 
 @dataclass(frozen=True)
 class DemoResult:
@@ -84,7 +88,8 @@ def sft_config(cfg: DemoConfig, layout: Layout, records: int) -> SFTConfig:
     batch = batch_shards()
     epochs = math.ceil(cfg.sft_steps * batch / max(records, 1)) + 1
     raw = {
-        "model": {"preset": cfg.model_preset, "dtype": "float32", "param_dtype": "float32"},
+        "model": {"preset": cfg.model_preset, "dtype": "float32", "param_dtype": "float32",
+                  "attention_chunk": ATTENTION_CHUNK},
         "mesh": {"data": 1, "fsdp": -1},
         "optim": {"lr": cfg.sft_lr, "weight_decay": 0.0, "schedule": "cosine", "warmup_ratio": 0.1,
                   "min_lr_ratio": 0.1, "grad_clip": 1.0},
@@ -112,7 +117,8 @@ def grpo_config(cfg: DemoConfig, layout: Layout, generator_url: str) -> GRPOConf
     agent = demo_agent_config()
     slots = batch_shards() * math.ceil(cfg.prompts_per_step * cfg.group_size / batch_shards())
     raw = {
-        "model": {"hf_dir": str(layout.sft_hf), "dtype": "float32", "param_dtype": "float32"},
+        "model": {"hf_dir": str(layout.sft_hf), "dtype": "float32", "param_dtype": "float32",
+                  "attention_chunk": ATTENTION_CHUNK},
         "mesh": {"data": 1, "fsdp": -1},
         "optim": {"lr": cfg.grpo_lr, "weight_decay": 0.0, "schedule": "constant", "grad_clip": 1.0},
         "train": {"steps": max(cfg.grpo_steps, 1), "seed": cfg.seed, "log_every": 1, "checkpoint_every": 1,

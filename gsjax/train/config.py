@@ -58,6 +58,7 @@ class ModelSection:
     remat: str | tuple[str, ...] = "none"  # one policy, or one per text layer
     vision_remat: str = "none"
     attention_impl: Literal["auto", "xla", "cudnn", "chunked"] = "auto"
+    attention_chunk: int = 128  # query block of the "chunked" kernel (CPU): bigger blocks, fewer ops to compile
     moe_impl: Literal["ragged", "dense"] = "ragged"
     # patch rows of the largest image frame (grid h·w; 0: unbounded): the vision attention then costs O(N·rows)
     # instead of O(N²) over the N patch rows of a batch. Images past it are refused with the image named.
@@ -67,7 +68,8 @@ class ModelSection:
     def runtime(self) -> RuntimeConfig:
         rows = self.vision_max_frame_rows
         return RuntimeConfig(param_dtype=self.param_dtype, dtype=self.dtype, attention_impl=self.attention_impl,
-                             moe_impl=self.moe_impl, remat=self.remat, vision_remat=self.vision_remat,
+                             attention_chunk=self.attention_chunk, moe_impl=self.moe_impl, remat=self.remat,
+                             vision_remat=self.vision_remat,
                              vision_max_frame_rows=0 if rows == "auto" else rows)
 
     def resolve(self, auto_frame_rows: Callable[[Qwen3VLConfig], int] | None = None) -> Qwen3VLConfig:
@@ -442,6 +444,8 @@ def _problems(c: SFTConfig) -> list[str]:
     for name in ("dtype", "param_dtype"):
         if getattr(m, name) not in DTYPES:
             out.append(f"model.{name}={getattr(m, name)!r} is not one of {list(DTYPES)}")
+    if m.attention_chunk < 1:
+        out.append(f"model.attention_chunk must be >= 1, got {m.attention_chunk}")
     for policy in ((m.remat,) if isinstance(m.remat, str) else m.remat) + (m.vision_remat,):
         if policy not in REMAT_POLICIES:
             out.append(f"model remat policy {policy!r} is not one of {list(REMAT_POLICIES)}")

@@ -129,10 +129,11 @@ def test_epochs_need_the_epoch_length():
 
 
 def test_model_section_resolves_preset_and_hf_dir(tmp_path: Path):
-    cfg = load_config(None, BASE + ["model.dtype=bfloat16", "model.remat=full"])
+    cfg = load_config(None, BASE + ["model.dtype=bfloat16", "model.remat=full", "model.attention_chunk=256"])
     model = cfg.model.resolve()
     assert model.text == preset("tiny").text
     assert (model.runtime.dtype, model.runtime.param_dtype, model.runtime.remat) == ("bfloat16", "float32", "full")
+    assert model.runtime.attention_chunk == 256
     (tmp_path / "config.json").write_text(json.dumps(preset("tiny-moe").to_hf_dict()))
     from_dir = load_config(None, BASE + [f"model.hf_dir={tmp_path}"]).model.resolve()
     assert from_dir.is_moe and from_dir.text == preset("tiny-moe").text
@@ -153,6 +154,7 @@ def test_model_section_resolves_preset_and_hf_dir(tmp_path: Path):
     (["mesh.data=-1"], r"at most one -1"),
     (["model.preset=huge"], r"model\.preset='huge' is not one of"),
     (["model.dtype=float8"], r"model\.dtype='float8'"),
+    (["model.attention_chunk=0"], r"model\.attention_chunk must be >= 1, got 0"),
     (["rules=[[embed, model]]"], r"rules\[0\] \(embed\): mesh axes \['model'\]"),
     (["rules=[[embed]]"], r"rules\[0\] must have 2 items"),
     (["train.steps.x=1"], r"train\.steps is a value, not a section"),

@@ -159,6 +159,8 @@ class RuntimeConfig:
                 raise ConfigError(f"dtype {name!r} not one of {DTYPES}")
         if self.vision_max_frame_rows < 0:
             raise ConfigError(f"vision_max_frame_rows must be >= 0 (0: unbounded), got {self.vision_max_frame_rows}")
+        if self.attention_chunk < 1:
+            raise ConfigError(f"attention_chunk must be >= 1, got {self.attention_chunk}")
         policies = (self.remat,) if isinstance(self.remat, str) else self.remat
         for p in (*policies, self.vision_remat):
             if p not in REMAT_POLICIES:
