@@ -6,7 +6,11 @@ The toy task (reward = share of sampled ids in a target range) keeps episodes si
 hosts' batches differ (each holds only its own groups' rows), so the shapes they agree on, the denominator
 counts and the gathered step metrics all have to be right for the run to match. One mini-batch per step:
 with several, each host splits its own samples (test_rl_batch covers that), so the mini-batches would hold
-other samples than a one-host run's."""
+other samples than a one-host run's.
+
+The second test takes the multi-turn agent path (offline tools, rewards and stand-in generator) on a scripted
+engine (grpo_agent_hosts): the hosts' trajectories carry different images, so it checks the joined vision
+input of the update (reversing the hosts' image order in `global_vision` fails it)."""
 
 from __future__ import annotations
 
@@ -67,6 +71,57 @@ def test_two_hosts_train_like_one_host_with_the_same_devices(toy_hf, tmp_path):
     assert len(logged) == 16 and len({r["group_id"] for r in logged}) == 4
     weights_one, weights_two = (load_file(d / "hf" / "model.safetensors") for d in (single, multi))
     assert weights_one.keys() == weights_two.keys()
+    for name in weights_one:
+        diff = float(np.abs(weights_two[name] - weights_one[name]).max())
+        assert diff < 1e-4, (name, diff)
+
+
+def agent_command(out_dir: Path) -> list[str]:
+    """The multi-turn agent path with the offline tools and rewards on a scripted engine (grpo_agent_hosts)."""
+    import sys
+
+    overrides = {"train.out_dir": out_dir, "train.steps": STEPS - 1, "train.export_hf_at_end": "true",
+                 "train.checkpoint_every": 1000, "data.shuffle": "false", "rollout.group_size": 4,
+                 "rollout.prompts_per_step": 2, "env.max_llm_calls": 3, "env.max_new_tokens_per_turn": 256,
+                 "env.system_prompt": "compact", "batch.buckets": "[1024]",
+                 "batch.max_tokens_per_device": 1024}  # one row per device: several micro-batches per host
+    return [sys.executable, "-m", "tests.train.grpo_agent_hosts", str(RECIPE),
+            *[f"{k}={v}" for k, v in overrides.items()]]
+
+
+@pytest.mark.slow
+def test_two_hosts_train_on_their_own_trajectory_images_like_one_host(tmp_path):
+    """Each host's groups carry other numbers of images (0-2 image searches per episode), so the hosts'
+    micro-batches need different vision rows and the joined image rows must follow the global row order."""
+    # the tool responses show the episode folder's path to the model, so both runs use the same out_dir in turn
+    run, single, multi = tmp_path / "run", tmp_path / "single", tmp_path / "multi"
+    root = {"PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    finish([launch(agent_command(run), devices=4, **root)])
+    run.rename(single)
+    address = f"127.0.0.1:{free_port()}"
+    finish([launch(agent_command(run), devices=2, JAX_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES="2",
+                   JAX_PROCESS_ID=str(i), **root) for i in range(2)])
+    run.rename(multi)
+
+    one, two = read_metrics(single / "metrics.jsonl"), read_metrics(multi / "metrics.jsonl")
+    assert [m["step"] for m in one] == [m["step"] for m in two] == list(range(1, STEPS))
+    for a, b in zip(one, two):
+        assert b["rollouts"] == a["rollouts"] == 8
+        for key in ("reward/total_mean", "reward/total_std", "update/samples", "update/images", "update/pixel_rows",
+                    "excluded/total", "episode/tool_calls_mean", "update/trained_tokens"):
+            assert b[key] == pytest.approx(a[key], abs=1e-6), key
+        assert a["update/images"] > 0 and a["update/micro_batches"] >= 2 and b["update/micro_batches"] >= 2
+        np.testing.assert_allclose([b["update/loss"], b["update/grad_norm"]], [a["update/loss"], a["update/grad_norm"]],
+                                   rtol=1e-4, atol=1e-6)
+    assert one[0]["excluded/total"] == 1  # corpus0's failing rollout, on host 0
+    # the premise: the two hosts' groups (one each per step) trained different numbers of images
+    for step in range(STEPS - 1):
+        logged = [json.loads(line) for line in (multi / "rollouts" / f"step{step:06d}.jsonl").read_text().splitlines()]
+        per_group: dict[str, int] = {}
+        for r in (r for r in logged if r["advantage"] is not None):
+            per_group[r["group_id"]] = per_group.get(r["group_id"], 0) + r["images"]
+        assert len(per_group) == 2 and len(set(per_group.values())) == 2, per_group
+    weights_one, weights_two = (load_file(d / "hf" / "model.safetensors") for d in (single, multi))
     for name in weights_one:
         diff = float(np.abs(weights_two[name] - weights_one[name]).max())
         assert diff < 1e-4, (name, diff)
