@@ -78,14 +78,26 @@ def policy_view(data: bytes, factor: int, min_pixels: int, max_pixels: int,
     return encode_jpeg(img, quality), w, h
 
 
-class ImageStore:
-    """A folder of content-addressed JPEGs. Safe for many concurrent writers."""
+EPISODE_IMAGE_NAME_CHARS = 16
+"""Hex digits in an episode store's file names (see ImageStore)."""
 
-    def __init__(self, root: Path | str):
+
+class ImageStore:
+    """A folder of content-addressed JPEGs. Safe for many concurrent writers.
+
+    Files are named by the first `name_chars` hex digits of their sha256 (all 64 by default). An episode's
+    store uses 16: its file names are shown to the policy, where 48 more hex digits would cost about 40
+    tokens per listed image and buy nothing (a 64-bit name clash within one episode's handful of images is
+    not a practical risk, and `get` would refuse the wrong bytes rather than return them)."""
+
+    def __init__(self, root: Path | str, name_chars: int = 64):
+        if not 8 <= name_chars <= 64:
+            raise ValueError(f"name_chars must be in [8, 64], got {name_chars}")
         self.root = Path(root)
+        self.name_chars = name_chars
 
     def path(self, digest: str) -> Path:
-        return self.root / f"{digest}.jpg"
+        return self.root / f"{digest[:self.name_chars]}.jpg"
 
     def has(self, digest: str) -> bool:
         return self.path(digest).is_file()

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from gsjax.agent.config import AgentConfig, public_dict
-from gsjax.agent.images import ImageRegistry, ImageStore, RegisteredImage, policy_view
+from gsjax.agent.images import EPISODE_IMAGE_NAME_CHARS, ImageRegistry, ImageStore, RegisteredImage, policy_view
 from gsjax.fileio import atomic_write_bytes
 from gsjax.agent.policy import ImagePart, Message, Policy, PolicyLengthError, PolicyReply
 from gsjax.agent.prompts import final_step_notice, invalid_format_notice, system_prompt, too_long_notice
@@ -167,7 +167,7 @@ class Episode:
         self.task_id = task.task_id or uuid.uuid4().hex[:12]
         self.episode_id = f"{self.task_id}:{task.rollout_index}"
         self.dir = Path(out_dir) / episode_dir_name(self.task_id, task.rollout_index)
-        self.store = ImageStore(self.dir / "images")
+        self.store = ImageStore(self.dir / "images", name_chars=EPISODE_IMAGE_NAME_CHARS)
         self.registry = ImageRegistry()
         self.on_event = on_event
         self.messages: list[Message] = []
@@ -245,6 +245,14 @@ class Episode:
                                                  height=h, img_id=entry.img_id, source_sha256=entry.sha256)
         return self.views[entry.sha256]
 
+    def _shown_path(self, local_path: str) -> str:
+        """The policy reads an image's path relative to the episode folder ("images/<hash>.jpg"): the same
+        text wherever the run's folder lies, so trajectories recorded in one place (SFT data) show the
+        model exactly what it meets in another (RL rollouts), and a run's tokens do not depend on its
+        folder. The registry and the answer keep the absolute path."""
+        path = Path(local_path)
+        return path.relative_to(self.dir).as_posix() if path.is_relative_to(self.dir) else local_path
+
     async def _observe_images(self, query: str, out: ToolOutput) -> tuple[str, list[ImagePart], list[str]]:
         """Register hits, render the IMG block, attach the first few images (spec §4.3). Without
         hits the tool's own text (error or empty-result advice) is the body (§8 item 4)."""
@@ -256,8 +264,8 @@ class Episode:
                                            title=hit.title, url=hit.url, page_url=hit.page_url)
             if entry not in entries:
                 entries.append(entry)
-        body = render_image_search_block(query, [RenderedImage(e.img_id, e.title, e.url, e.local_path, e.page_url)
-                                                 for e in entries])
+        body = render_image_search_block(query, [RenderedImage(e.img_id, e.title, e.url, self._shown_path(e.local_path),
+                                                               e.page_url) for e in entries])
         parts = [await self._view(e) for e in entries[: self.cfg.max_images_per_search_for_model]]
         return body, parts, [e.img_id for e in entries]
 

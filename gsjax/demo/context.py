@@ -27,7 +27,7 @@ class DemoConfig:
     grpo_steps: int = 6
     sft_records: int | None = None  # None: every built-in trajectory (6 prompt wordings x 10 subjects)
     sft_lr: float = 1e-2  # 5e-3 was tried: no more reliable (sft_config)
-    sft_seq_len: int = 1408  # one length bucket (one compiled step) that every record fits: 830-1320 tokens
+    sft_seq_len: int = 1280  # one length bucket (one compiled step) that every record fits: 764-1201 tokens
     grpo_lr: float = 1e-4
     prompts_per_step: int = 2
     group_size: int = 4

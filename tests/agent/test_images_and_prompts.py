@@ -83,6 +83,18 @@ def test_store_is_content_addressed_under_concurrent_writers(tmp_path: Path) -> 
         assert store.get(d) in blobs
 
 
+def test_short_store_names_keep_the_full_hash_check(tmp_path: Path) -> None:
+    store = ImageStore(tmp_path, name_chars=16)
+    digest = store.put(make_jpeg(0))
+    assert len(digest) == 64 and store.path(digest).name == f"{digest[:16]}.jpg" and store.get(digest) == make_jpeg(0)
+    # other bytes under the same short name (a clash, or a damaged file) are refused, never returned
+    store.path(digest).write_bytes(make_jpeg(1))
+    with pytest.raises(ImageDecodeError, match="content hash"):
+        store.get(digest)
+    with pytest.raises(ValueError, match="name_chars"):
+        ImageStore(tmp_path, name_chars=4)
+
+
 def test_registry_ids_count_from_one_and_reuse() -> None:
     reg = ImageRegistry()
     a = reg.register(sha256="a", local_path="/a", title="t", url="u1", page_url="")

@@ -91,7 +91,9 @@ def test_full_http_episode_with_every_tool(web: FakeWeb, policy_cfg: PolicyConfi
     (ref,) = r.prediction["reference_images"]
     assert ref["img_id"] == "IMG_001" and ref["url"].endswith("/img/0.jpg")
     data = Path(ref["local_path"]).read_bytes()
-    assert hashlib.sha256(data).hexdigest() == ref["sha256"] == Path(ref["local_path"]).stem
+    assert hashlib.sha256(data).hexdigest() == ref["sha256"] and ref["sha256"][:16] == Path(ref["local_path"]).stem
+    # the policy reads the path relative to the episode folder (the same text wherever the run lies)
+    assert f"  local_path: images/{Path(ref['local_path']).name}\n" in obs[1] and str(tmp_path) not in obs[1]
     # the policy saw images before the text of the tool-response turn, as data URLs
     last_chat = [x for x in web.log if x["route"] == "chat"][-1]["body"]
     parts = last_chat["messages"][5]["content"]
@@ -277,7 +279,7 @@ def test_twenty_concurrent_episodes_keep_their_own_images(web: FakeWeb, policy_c
         assert r.prediction["reference_images"][0]["title"] == f"pic {s}0"
         folder = Path(r.directory) / "images"
         for f in folder.iterdir():
-            assert hashlib.sha256(f.read_bytes()).hexdigest() == f.stem  # nothing overwritten
+            assert hashlib.sha256(f.read_bytes()).hexdigest()[:16] == f.stem  # nothing overwritten
         for img in r.images:
             assert Path(img.local_path).parent == folder and Path(img.local_path).is_file()
 
