@@ -19,7 +19,7 @@ STAGES = ("trajectories", "sft", "grpo", "report")
 
 @dataclass(frozen=True)
 class DemoConfig:
-    """Sizes of the demo. Defaults take 7.3-7.8 minutes on a 2-core CPU (SFT about 4); tests shrink the step counts."""
+    """Sizes of the demo. Defaults take 6.1-6.4 minutes on a 2-core CPU (SFT about 4); tests shrink the step counts."""
 
     workdir: Path = Path("runs/demo")
     model_preset: str = "tiny"

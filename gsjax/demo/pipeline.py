@@ -68,21 +68,19 @@ def batch_shards() -> int:
 
 
 def sft_config(cfg: DemoConfig, layout: Layout, records: int) -> SFTConfig:
-    """The SFT recipe of the demo: tiny preset, one length bucket (every record fits 1408 tokens with the compact
+    """The SFT recipe of the demo: tiny preset, one length bucket (every record fits 1280 tokens with the compact
     system prompt), one vision-row bucket, checkpoints every 50 steps (each costs about one step).
 
-    The tiny model's SFT is sensitive to record order and even to float summation order (XLA:CPU reductions
-    are not bit-reproducible run to run): three runs of the same seed and config ended at last-50 losses of
-    0.042, 0.062 and 0.069, and their GRPO episodes reached a parsed answer in 42, 28 and 18 of 48. Knobs did
-    not buy reliability: six prompt wordings instead of three (the answer copies the request's style; six
-    should teach copying rather than three styles by heart) averaged 5.1 answers of 8 per GRPO step over 22
-    steps in five runs, against 4.8 over 12 steps in two; 700 steps (loss 0.019) gave 20 of 48; a learning
-    rate of 5e-3 gave fewer answers; sampling at 0.3 instead of 0.5 gave 15 instead of 17 of 40. The misses
-    start with a garbled subject name in the first turn; teacher-forced on scripted episodes of the held-out
-    RL wording the model is sure of the protocol (P(">\n" after "<answer") = 0.995-0.999).
+    A run is bitwise reproducible on one machine for one seed, wherever its work folder lies: the policy reads
+    image paths relative to its episode folder. Before that, the folder's name was in every image-search
+    result, so runs in /tmp/d6 and /tmp/d7 trained on other tokens and ended at last-50 losses of 0.042 to
+    0.069 with 18 to 42 of 48 GRPO episodes reaching a parsed answer (which we had put down to XLA float
+    noise), and the RL rollouts showed paths SFT never did. Since (2026-12-05), seeds 0, 1 and 2: last-50
+    losses 0.064 / 0.073 / 0.077, 46 / 47 / 44 of 48 GRPO episodes answer. Misses start with a garbled
+    subject name in the first turn (the RL prompts use a wording SFT never showed).
 
     The learning rate warms up over the first 10 % of the steps. With a one-step warmup the tiny model
-    sometimes (by seed, or by XLA's run-to-run noise) settled into repeating tool-call tags and JSON keys."""
+    sometimes settled into repeating tool-call tags and JSON keys."""
     from gsjax.train.config import SFTConfig
 
     batch = batch_shards()

@@ -128,3 +128,16 @@ def test_answers_copy_the_request_style_and_the_rl_wording_is_held_out(data: Pat
     assert len(styles) == len(SFT_TEMPLATES) == 6
     rl_prompts = [row["prompt"] for row in json.loads((data / "rl_tasks.json").read_text())]
     assert not any(p.startswith(tuple(styles)) for p in rl_prompts)
+
+
+def test_what_the_model_reads_does_not_depend_on_the_work_folder(data: Path, tmp_path: Path) -> None:
+    """Image paths are shown relative to the episode folder, so the same trajectories built under another
+    folder (another name length too) give the model the same text: a run's tokens are its seed's, not its
+    folder's. (Before, the absolute path in every image-search result made runs in /tmp/d6 and /tmp/d7
+    train on other tokens.)"""
+    elsewhere = tmp_path / "a_much_longer_folder_name"
+    write_sft_trajectories(elsewhere, demo_agent_config(), demo_tools_config())
+    texts = [[m["content"] for m in r["messages"]] for r in read_records(data / "sft.jsonl")]
+    assert texts == [[m["content"] for m in r["messages"]] for r in read_records(elsewhere / "sft.jsonl")]
+    shown = re.findall(r"local_path: (\S+)", "\n".join(t for record in texts for t in record))
+    assert shown and all(re.fullmatch(r"images/[0-9a-f]{16}\.jpg", p) for p in shown)
