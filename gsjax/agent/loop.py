@@ -250,8 +250,7 @@ class Episode:
         text wherever the run's folder lies, so trajectories recorded in one place (SFT data) show the
         model exactly what it meets in another (RL rollouts), and a run's tokens do not depend on its
         folder. The registry and the answer keep the absolute path."""
-        path = Path(local_path)
-        return path.relative_to(self.dir).as_posix() if path.is_relative_to(self.dir) else local_path
+        return Path(local_path).relative_to(self.dir).as_posix()  # the episode's store lies in its folder
 
     async def _observe_images(self, query: str, out: ToolOutput) -> tuple[str, list[ImagePart], list[str]]:
         """Register hits, render the IMG block, attach the first few images (spec §4.3). Without
@@ -264,8 +263,8 @@ class Episode:
                                            title=hit.title, url=hit.url, page_url=hit.page_url)
             if entry not in entries:
                 entries.append(entry)
-        body = render_image_search_block(query, [RenderedImage(e.img_id, e.title, e.url, self._shown_path(e.local_path),
-                                                               e.page_url) for e in entries])
+        shown = [RenderedImage(e.img_id, e.title, e.url, self._shown_path(e.local_path), e.page_url) for e in entries]
+        body = render_image_search_block(query, shown)
         parts = [await self._view(e) for e in entries[: self.cfg.max_images_per_search_for_model]]
         return body, parts, [e.img_id for e in entries]
 

@@ -75,7 +75,7 @@ def sft_config(cfg: DemoConfig, layout: Layout, records: int) -> SFTConfig:
     image paths relative to its episode folder. Before that, the folder's name was in every image-search
     result, so runs in /tmp/d6 and /tmp/d7 trained on other tokens and ended at last-50 losses of 0.042 to
     0.069 with 18 to 42 of 48 GRPO episodes reaching a parsed answer (which we had put down to XLA float
-    noise), and the RL rollouts showed paths SFT never did. Since (2026-12-05), seeds 0, 1 and 2: last-50
+    noise), and the RL rollouts showed paths SFT never did. Since then (2026-12-05), seeds 0, 1 and 2: last-50
     losses 0.064 / 0.073 / 0.077, 46 / 47 / 44 of 48 GRPO episodes answer. Misses start with a garbled
     subject name in the first turn (the RL prompts use a wording SFT never showed).
 
