@@ -124,6 +124,9 @@ def test_two_hosts_train_on_their_own_trajectory_images_like_one_host(tmp_path):
             per_group[r["group_id"]] = per_group.get(r["group_id"], 0) + r["images"]
         assert len(per_group) == 2 and len(set(per_group.values())) == 2, per_group
     weights_one, weights_two = (load_file(d / "hf" / "model.safetensors") for d in (single, multi))
+    # at the first step the loss is the same whatever the pixels (ratio 1): the gradient tells, and Adam's first
+    # step moves a weight by up to 1e-4 (the lr) either way, so the hosts' images in the wrong order change
+    # weights by ~2e-4, while equal runs differ by ~3e-8
     for name in weights_one:
         diff = float(np.abs(weights_two[name] - weights_one[name]).max())
-        assert diff < 1e-4, (name, diff)
+        assert diff < 1e-6, (name, diff)
