@@ -48,6 +48,19 @@ def default_reply(request: GenerationRequest) -> list[int]:
     return [1000 + (base + 13 * i) % 400 for i in range(8)] + [IM_END_ID]
 
 
+def agent_turn(request: GenerationRequest) -> tuple[str, int, int]:
+    """(prompt id, rollout index, turn) of a GRPO agent episode's request, whose id reads
+    `<prompt id>-<rollout index>-t<turn>`: scripts that reply by episode and turn."""
+    episode, turn = request.request_id.rsplit("-t", 1)
+    prompt_id, index = episode.rsplit("-", 1)
+    return prompt_id, int(index), int(turn)
+
+
+def turn_ids(tokenizer: Any, text: str) -> list[int]:
+    """A scripted model turn as the engine returns it: the text's ids, then `<|im_end|>`."""
+    return list(tokenizer.encode(text, add_special_tokens=False)) + [IM_END_ID]
+
+
 class FakeEngine:
     def __init__(self, script: Script | None = None, version: str = "v0", delay_s: float = 0.0):
         self.script = script

@@ -17,9 +17,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from gsjax.agent.protocol import format_answer, format_tool_call
-from gsjax.processing.tokens import IM_END_ID
 from gsjax.rollout.engine import EngineError, GenerationRequest
-from tests.rollout.fakes import FakeEngine
+from tests.rollout.fakes import FakeEngine, agent_turn, turn_ids
 
 SUBJECTS = ("Eiffel Tower", "Golden Gate Bridge", "Statue of Liberty", "Sydney Opera House", "Olympic rings",
             "Rubik's Cube", "Stanley Cup", "The Starry Night", "World Cup trophy", "Apollo 11 lunar module")
@@ -40,20 +39,17 @@ def fails(prompt_id: str, index: int) -> bool:
 
 
 def scripted_engine(tokenizer: Any) -> FakeEngine:
-    encode = lambda text: list(tokenizer.encode(text, add_special_tokens=False)) + [IM_END_ID]  # noqa: E731
-
     def reply(request: GenerationRequest) -> Sequence[int]:
-        episode, turn = request.request_id.rsplit("-t", 1)
-        prompt_id, index = episode.rsplit("-", 1)
-        if fails(prompt_id, int(index)):
+        prompt_id, index, turn = agent_turn(request)
+        if fails(prompt_id, index):
             raise EngineError("the rollout server went away")
-        searches = image_searches(prompt_id, int(index))
-        if int(turn) < searches:
-            arguments = {"query": query(prompt_id, int(index), int(turn)), "top_k": 1}  # one image per search
-            return encode(format_tool_call("image_search", arguments, think="look it up"))
+        searches = image_searches(prompt_id, index)
+        if turn < searches:
+            arguments = {"query": query(prompt_id, index, turn), "top_k": 1}  # one image per search
+            return turn_ids(tokenizer, format_tool_call("image_search", arguments, think="look it up"))
         references = [{"img_id": "IMG_001", "note": "the landmark"}] if searches else []
-        return encode(format_answer("The landmark under a pale sky, as in the first reference.", references,
-                                    think="enough"))
+        return turn_ids(tokenizer, format_answer("The landmark under a pale sky, as in the first reference.",
+                                                 references, think="enough"))
 
     return FakeEngine(reply, version="0")
 

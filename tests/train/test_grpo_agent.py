@@ -15,12 +15,11 @@ import numpy as np
 import pytest
 
 from gsjax.agent.protocol import format_answer, format_tool_call
-from gsjax.processing.tokens import IM_END_ID
 from gsjax.rollout.engine import EngineError, GenerationRequest
 from gsjax.train import grpo as grpo_module
 from gsjax.train.grpo import run_grpo
 from gsjax.train.grpo_config import load_grpo_config
-from tests.rollout.fakes import FakeEngine
+from tests.rollout.fakes import FakeEngine, agent_turn, turn_ids
 
 RECIPE = Path(__file__).resolve().parents[2] / "configs" / "grpo_tiny_cpu.yaml"
 SEARCH = format_tool_call("image_search", {"query": "Eiffel Tower in Paris"}, think="find the tower")
@@ -31,16 +30,13 @@ NO_REFERENCE = format_answer("A tower.", [], think="guess")
 
 def scripted_engine(tokenizer: Any) -> FakeEngine:
     """Rollout 0 searches then answers well; 1 answers without references (reward 0); 2 hits an engine error."""
-    encode = lambda text: list(tokenizer.encode(text, add_special_tokens=False)) + [IM_END_ID]  # noqa: E731
-
     def reply(request: GenerationRequest) -> Sequence[int]:
-        episode, turn = request.request_id.rsplit("-t", 1)
-        index = int(episode.rsplit("-", 1)[1])
+        _, index, turn = agent_turn(request)
         if index == 2:
             raise EngineError("the rollout server went away")
         if index == 1:
-            return encode(NO_REFERENCE)
-        return encode(SEARCH if turn == "0" else GOOD)
+            return turn_ids(tokenizer, NO_REFERENCE)
+        return turn_ids(tokenizer, SEARCH if turn == 0 else GOOD)
 
     return FakeEngine(reply, version="0")
 
