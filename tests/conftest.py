@@ -18,6 +18,22 @@ pytest_plugins = ["tests.processor_fixtures"]
 
 
 FULL_DEMO_ENV = "GSJAX_FULL_DEMO_TESTS"
+FAST_COMPILE_FLAG = "--xla_backend_optimization_level=0"
+
+
+def compile_fast() -> None:
+    """XLA:CPU compiles with LLVM at -O0 in tests (and in every subprocess they start, which inherits the
+    environment). The suite compiles hundreds of tiny programs and runs few steps of each, so compiling is
+    most of its time: measured on the 2-core CI machine, `make test` took 20m34s instead of 23m18s (user CPU
+    35 min instead of 42), while the few tests that run many steps got up to 10 % slower. It changes how fast
+    the generated code runs, not the program (the same HLO after XLA's own passes); the suite's comparisons
+    run both sides under the same flags or hold a tolerance. The demo's subprocess tests drop XLA_FLAGS and
+    run as users do. GSJAX_TEST_XLA_OPT=default keeps XLA's default level, e.g. to time a test."""
+    if os.environ.get("GSJAX_TEST_XLA_OPT") == "default":
+        return
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "--xla_backend_optimization_level" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} {FAST_COMPILE_FLAG}".strip()
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -26,6 +42,7 @@ def pytest_configure(config: pytest.Config) -> None:
     over the same tiny model and shapes, and on a 2-core CPU compiling is most of their time. Entries are keyed
     by the program, compile options and jax version, so a hit computes what a fresh compile would.
     GSJAX_TEST_COMPILE_CACHE=off turns it off; a path puts it elsewhere."""
+    compile_fast()  # before any test module asks JAX for its devices, which reads XLA_FLAGS once
     setting = os.environ.get("GSJAX_TEST_COMPILE_CACHE", str(Path(config.rootpath) / ".pytest_cache" / "xla"))
     if setting == "off":
         return

@@ -16,6 +16,8 @@ import pytest
 from gsjax.demo.context import DemoConfig, DemoContext, Layout
 from gsjax.demo.pipeline import _start_over, run_demo
 
+from ..subprocess_env import xla_flags
+
 
 def alive(pid: int) -> bool:
     try:
@@ -43,7 +45,7 @@ def test_ctrl_c_after_the_server_started_stops_it(workdir: Path) -> None:
 
 
 def _command(workdir: Path) -> tuple[list[str], dict[str, str]]:
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, as `gsjax demo` runs
+    env = {**os.environ, "XLA_FLAGS": xla_flags(None)}  # one CPU device as `gsjax demo` runs; this run's compile flags
     env["COLUMNS"] = "200"
     return [sys.executable, "-m", "gsjax.demo.cli", "--workdir", str(workdir), "--sft-steps", "2", "--grpo-steps",
             "1", "--prompts-per-step", "1", "--group-size", "2", "--max-llm-calls", "2", "--max-new-tokens",

@@ -19,6 +19,8 @@ from gsjax.data.synthetic import SyntheticSpec, write_synthetic_sft
 from gsjax.demo.services import free_port
 from gsjax.train.metrics import read_metrics
 
+from ..subprocess_env import xla_flags
+
 RECIPE = Path(__file__).resolve().parents[2] / "configs" / "sft_tiny_cpu.yaml"
 STEPS = 3
 
@@ -34,7 +36,7 @@ def sft_command(records: Path, out_dir: Path, batch_per_host: int) -> list[str]:
 
 
 def launch(command: list[str], devices: int, **env: str) -> subprocess.Popen:
-    environ = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", **env}
+    environ = {**os.environ, "XLA_FLAGS": xla_flags(devices), **env}
     return subprocess.Popen(command, env=environ, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
