@@ -14,7 +14,7 @@ import pytest  # noqa: E402
 
 from gsjax.compile_cache import use_compile_cache  # noqa: E402
 
-pytest_plugins = ["tests.processor_fixtures"]
+pytest_plugins = ["tests.processor_fixtures", "tests.agent.web_fixture"]
 
 
 FULL_DEMO_ENV = "GSJAX_FULL_DEMO_TESTS"

@@ -77,6 +77,18 @@ def _retryable(exc: Exception) -> bool:
     return isinstance(exc, (httpx.TimeoutException, httpx.TransportError))
 
 
+def _final_error(what: str, exc: SGLangHTTPError | httpx.HTTPError, attempt: int,
+                 max_attempts: int) -> Exception | None:
+    """The error to raise for a failed attempt (an HTTP error as it came, a transport failure as an
+    EngineError naming the call), or None (logged) when the failure is transient and attempts remain."""
+    if _retryable(exc) and attempt + 1 < max_attempts:
+        log.warning("%s failed (%s); retrying", what, exc)
+        return None
+    if isinstance(exc, SGLangHTTPError):
+        return exc
+    return EngineError(f"{what}: {type(exc).__name__}: {exc}")
+
+
 def _checked(what: str, resp: httpx.Response) -> httpx.Response:
     if resp.status_code >= 400:
         raise SGLangHTTPError(what, resp.status_code, resp.text)
@@ -111,11 +123,8 @@ class SGLangClient:
                 resp = attempt()
                 return resp if resp.status_code in allow else _checked(what, resp)
             except (SGLangHTTPError, httpx.HTTPError) as exc:
-                if not _retryable(exc) or n + 1 == self.retry.max_attempts:
-                    if isinstance(exc, SGLangHTTPError):
-                        raise
-                    raise EngineError(f"{what}: {type(exc).__name__}: {exc}") from None
-                log.warning("%s failed (%s); retrying", what, exc)
+                if (final := _final_error(what, exc, n, self.retry.max_attempts)) is not None:
+                    raise final from None
                 time.sleep(self.retry.delay(n, self.rng))
         raise AssertionError("unreachable")
 
@@ -437,11 +446,8 @@ class SGLangEngine:
             try:
                 return await attempt()
             except (SGLangHTTPError, httpx.HTTPError) as exc:
-                if not _retryable(exc) or n + 1 == self.retry.max_attempts:
-                    if isinstance(exc, SGLangHTTPError):
-                        raise
-                    raise EngineError(f"{what}: {type(exc).__name__}: {exc}") from None
-                log.warning("%s failed (%s); retrying", what, exc)
+                if (final := _final_error(what, exc, n, self.retry.max_attempts)) is not None:
+                    raise final from None
                 await asyncio.sleep(self.retry.delay(n, self.rng))
         raise AssertionError("unreachable")
 

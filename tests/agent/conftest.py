@@ -2,21 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 
 from gsjax.agent.config import AgentConfig, PolicyConfig, Secret, ToolsConfig
 from tests.agent.fakes import FAST_RETRY, POLICY_KEY, FakeWeb, serper_config
-
-
-@pytest.fixture
-def web() -> Iterator[FakeWeb]:
-    fake = FakeWeb().start()
-    try:
-        yield fake
-    finally:
-        fake.stop()
 
 
 @pytest.fixture

@@ -17,14 +17,7 @@ from gsjax.demo.context import DemoConfig, DemoContext, Layout
 from gsjax.demo.pipeline import _start_over, run_demo
 
 from ..subprocess_env import xla_flags
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
+from .processes import alive
 
 
 def test_ctrl_c_after_the_server_started_stops_it(workdir: Path) -> None:

@@ -3,7 +3,6 @@ ignores SIGTERM is killed; one that dies during start-up is reported with its lo
 
 from __future__ import annotations
 
-import os
 import sys
 import textwrap
 from pathlib import Path
@@ -13,13 +12,7 @@ import pytest
 
 from gsjax.demo.services import ImageServer, ServerStartError, ensure_tiny_pipeline
 
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
+from .processes import alive
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,15 +44,6 @@ class Policy:
     @staticmethod
     def answer(prompt: str, messages: Sequence[Any]) -> str:
         return format_answer(f"grounded: {prompt}", [{"img_id": issued_ids(messages)[0], "note": "subject"}])
-
-
-@pytest.fixture
-def web() -> Iterator[FakeWeb]:
-    fake = FakeWeb().start()
-    try:
-        yield fake
-    finally:
-        fake.stop()
 
 
 def serper_config(tmp_path: Path, web: FakeWeb, **extra: Any) -> Path:
