@@ -6,7 +6,9 @@ from gsjax.malloc import keep_freed_memory
 
 keep_freed_memory()  # as the CLIs do, before JAX starts its threads: XLA CPU steps reuse freed pages
 
+import importlib.util  # noqa: E402
 import os  # noqa: E402
+from importlib.metadata import entry_points  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import jax  # noqa: E402
@@ -21,15 +23,22 @@ FULL_DEMO_ENV = "GSJAX_FULL_DEMO_TESTS"
 FAST_COMPILE_FLAG = "--xla_backend_optimization_level=0"
 
 
+def accelerator_plugin_installed() -> bool:
+    """A GPU/TPU PJRT plugin is installed: the level would apply to its kernels too, so it is left alone."""
+    return (bool(entry_points(group="jax_plugins")) or importlib.util.find_spec("jax_plugins") is not None
+            or importlib.util.find_spec("libtpu") is not None)
+
+
 def compile_fast() -> None:
     """XLA:CPU compiles with LLVM at -O0 in tests (and in every subprocess they start, which inherits the
     environment). The suite compiles hundreds of tiny programs and runs few steps of each, so compiling is
     most of its time: measured on the 2-core CI machine, `make test` took 20m34s instead of 23m18s (user CPU
     35 min instead of 42), while the few tests that run many steps got up to 10 % slower. It changes how fast
     the generated code runs, not the program (the same HLO after XLA's own passes); the suite's comparisons
-    run both sides under the same flags or hold a tolerance. The demo's subprocess tests drop XLA_FLAGS and
-    run as users do. GSJAX_TEST_XLA_OPT=default keeps XLA's default level, e.g. to time a test."""
-    if os.environ.get("GSJAX_TEST_XLA_OPT") == "default":
+    run both sides under the same flags or hold a tolerance. The default-size demo test drops XLA_FLAGS and
+    runs as users do (at -O0 its 500 SFT steps take ~3x longer). GSJAX_TEST_XLA_OPT=default keeps XLA's default level, e.g. to time a test; a machine with
+    a GPU/TPU plugin keeps it too."""
+    if os.environ.get("GSJAX_TEST_XLA_OPT") == "default" or accelerator_plugin_installed():
         return
     flags = os.environ.get("XLA_FLAGS", "")
     if "--xla_backend_optimization_level" not in flags:
