@@ -82,11 +82,21 @@ def _final_error(what: str, exc: SGLangHTTPError | httpx.HTTPError, attempt: int
     """The error to raise for a failed attempt (an HTTP error as it came, a transport failure as an
     EngineError naming the call), or None (logged) when the failure is transient and attempts remain."""
     if _retryable(exc) and attempt + 1 < max_attempts:
-        log.warning("%s failed (%s); retrying", what, exc)
+        log.warning("%s failed (%s: %s); retrying", what, type(exc).__name__,
+                    exc if isinstance(exc, SGLangHTTPError) else _detail(exc))
         return None
     if isinstance(exc, SGLangHTTPError):
         return exc
-    return EngineError(f"{what}: {type(exc).__name__}: {exc}")
+    return EngineError(f"{what}: {type(exc).__name__}: {_detail(exc)} (after {attempt + 1} attempts)")
+
+
+def _detail(exc: httpx.HTTPError) -> str:
+    """httpx's message (empty for the async client's read timeouts) and the request it failed on."""
+    try:
+        request = exc.request
+    except RuntimeError:  # an exception raised without its request
+        return str(exc)
+    return " ".join(filter(None, (str(exc), f"on {request.method} {request.url}")))
 
 
 def _checked(what: str, resp: httpx.Response) -> httpx.Response:
