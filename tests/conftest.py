@@ -36,8 +36,8 @@ def compile_fast() -> None:
     35 min instead of 42), while the few tests that run many steps got up to 10 % slower. It changes how fast
     the generated code runs, not the program (the same HLO after XLA's own passes); the suite's comparisons
     run both sides under the same flags or hold a tolerance. The default-size demo test drops XLA_FLAGS and
-    runs as users do (at -O0 its 500 SFT steps take ~3x longer). GSJAX_TEST_XLA_OPT=default keeps XLA's default level, e.g. to time a test; a machine with
-    a GPU/TPU plugin keeps it too."""
+    runs as users do (at -O0 its 500 SFT steps take ~3x longer). GSJAX_TEST_XLA_OPT=default keeps XLA's
+    default level, e.g. to time a test; a machine with a GPU/TPU plugin keeps it too."""
     if os.environ.get("GSJAX_TEST_XLA_OPT") == "default" or accelerator_plugin_installed():
         return
     flags = os.environ.get("XLA_FLAGS", "")

@@ -87,7 +87,7 @@ def _final_error(what: str, exc: SGLangHTTPError | httpx.HTTPError, attempt: int
         return None
     if isinstance(exc, SGLangHTTPError):
         return exc
-    return EngineError(f"{what}: {type(exc).__name__}: {_detail(exc)} (after {attempt + 1} attempts)")
+    return EngineError(f"{what}: {type(exc).__name__}: {_detail(exc)} (attempt {attempt + 1} of {max_attempts})")
 
 
 def _detail(exc: httpx.HTTPError) -> str:

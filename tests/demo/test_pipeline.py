@@ -38,7 +38,8 @@ def test_ctrl_c_after_the_server_started_stops_it(workdir: Path) -> None:
 
 
 def _command(workdir: Path) -> tuple[list[str], dict[str, str]]:
-    env = {**os.environ, "XLA_FLAGS": xla_flags(None)}  # one CPU device as `gsjax demo` runs; this run's compile flags
+    # one CPU device, as `gsjax demo` runs, with this test run's compile flags
+    env = {**os.environ, "XLA_FLAGS": xla_flags(None)}
     env["COLUMNS"] = "200"
     return [sys.executable, "-m", "gsjax.demo.cli", "--workdir", str(workdir), "--sft-steps", "2", "--grpo-steps",
             "1", "--prompts-per-step", "1", "--group-size", "2", "--max-llm-calls", "2", "--max-new-tokens",

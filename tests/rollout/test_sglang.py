@@ -88,7 +88,7 @@ def test_transient_failures_are_retried_and_client_errors_are_not(fake):
         generate(engine, GenerationRequest((), SamplingParams()))  # the fake answers 400: input_ids required
     assert bad.value.status == 400 and state.names().count("generate") == before + 1
     state.fault("/generate", *["timeout"] * FAST.max_attempts)  # a transport failure on every attempt
-    failed = r"^/generate: ReadTimeout: on POST http://127\.0\.0\.1:\d+/generate \(after 3 attempts\)"
+    failed = r"^/generate: ReadTimeout: on POST http://127\.0\.0\.1:\d+/generate \(attempt 3 of 3\)"
     with pytest.raises(EngineError, match=failed):
         generate(engine, GenerationRequest(PROMPT, SamplingParams()))
     engine.close()
@@ -106,7 +106,7 @@ def test_control_plane_calls_and_version_lookup(fake):
     client.close()
     impatient = SGLangClient(url, FAST, control_timeout_s=FAST.request_timeout_s)
     state.fault("/get_model_info", *["timeout"] * FAST.max_attempts)
-    failed = r"^get_model_info: ReadTimeout: timed out on GET http://127\.0\.0\.1:\d+/get_model_info \(after 3 "
+    failed = r"^get_model_info: ReadTimeout: timed out on GET http://127\.0\.0\.1:\d+/get_model_info \(attempt 3 of 3\)"
     with pytest.raises(EngineError, match=failed):
         impatient.model_info()
     assert state.names().count("get_model_info") == 1 + FAST.max_attempts
