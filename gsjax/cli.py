@@ -7,12 +7,12 @@ from typing import Annotated
 
 import typer
 
-app = typer.Typer(
+from gsjax.cli_errors import typer_app
+
+app = typer_app(
     name="gsjax",
     help="Train and run a search-augmented image-generation agent (Qwen3-VL policy) with JAX.",
     no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_show_locals=False,
 )
 
 

@@ -24,12 +24,12 @@ from gsjax.agent.config import (
     policy_config_from_env,
     tools_config_from_env,
 )
+from gsjax.cli_errors import typer_app
 
 if TYPE_CHECKING:
     from gsjax.agent.loop import EpisodeResult, Task
 
-agent_app = typer.Typer(help="Run the search agent against a policy server.", no_args_is_help=True,
-                        add_completion=False, pretty_exceptions_show_locals=False)
+agent_app = typer_app(help="Run the search agent against a policy server.", no_args_is_help=True)
 
 _PREVIEW_CHARS = 1500
 

@@ -10,8 +10,9 @@ from typing import Annotated
 
 import typer
 
-bench_app = typer.Typer(help="Benchmarks of the train step: mesh layouts, memory.", no_args_is_help=True,
-                        add_completion=False)
+from gsjax.cli_errors import typer_app
+
+bench_app = typer_app(help="Benchmarks of the train step: mesh layouts, memory.", no_args_is_help=True)
 
 ModelOpt = Annotated[str, typer.Option("--model", help="preset (tiny, 2b, 4b, 8b, 30b-a3b) or an HF config.json "
                                                         "path / checkpoint directory")]

@@ -22,6 +22,7 @@ from gsjax.data.index import build_index
 from gsjax.data.pipeline import map_range
 from gsjax.data.records import RecordFile
 from gsjax.data.skips import ENCODE_ERROR, BadRecord, SkipCounter, refuse
+from gsjax.errors import RecordFileError
 from gsjax.models.qwen3_vl.config import Qwen3VLConfig
 from gsjax.processing.images import ImageProcessorConfig
 from gsjax.processing.tokens import ENDOFTEXT_ID
@@ -106,7 +107,7 @@ class SFTLoader:
                                         model_cfg.runtime.vision_max_frame_rows)
         self.index = build_index(records, ctx, on_bad_record=cfg.on_bad_record, worker_count=cfg.index_workers)
         if self.index.num_valid == 0:
-            raise ValueError(f"no usable SFT record in {cfg.path}: all {len(records)} were refused "
+            raise RecordFileError(f"no usable SFT record in {cfg.path}: all {len(records)} were refused "
                              f"({self.index.skips.as_dict()})")
         self.plan = BatchPlan(lengths=self.index.lengths, vision_rows=self.index.vision_rows,
                               buckets=cfg.length_buckets, batch_size=cfg.batch_size, process_count=process_count,

@@ -9,7 +9,6 @@ turn is `user` or a tool turn (`observation` / `tool`, rendered as a user turn w
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from gsjax.data.skips import (
     IMAGE_PLACEMENT,
     BadRecord,
 )
+from gsjax.fileio import read_json_records
 
 IMAGE_PLACEHOLDER = "<image>"
 EMPTY_THINK = "<think>\n\n</think>\n\n"
@@ -86,23 +86,7 @@ class RecordFile:
 
 def read_records(path: str | Path) -> list[Any]:
     """A JSON array, or JSON Lines (one object per non-empty line). The format is detected from the content."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"SFT data file not found: {path}")
-    text = path.read_text(encoding="utf-8")
-    if text.lstrip().startswith("["):
-        records = json.loads(text)
-        if not isinstance(records, list):
-            raise ValueError(f"{path}: expected a JSON array of records")
-        return records
-    records = []
-    for line_no, line in enumerate(text.splitlines(), start=1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{line_no}: not a JSON line ({exc})") from exc
-    return records
+    return read_json_records(path, "SFT data file")
 
 
 def _raw_turns(record: Any) -> list[tuple[str, Any]]:

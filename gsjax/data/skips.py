@@ -11,6 +11,8 @@ import logging
 from collections import Counter
 from collections.abc import Mapping
 
+from gsjax.errors import InputError
+
 log = logging.getLogger(__name__)
 
 BAD_FORMAT = "bad_format"  # not an object, no messages, non-string content, unknown role
@@ -40,7 +42,7 @@ class BadRecord(ValueError):
         return type(self), (self.kind, self.message)
 
 
-class BadRecordError(ValueError):
+class BadRecordError(InputError, ValueError):
     """Raised under `on_bad_record="error"`: names the record and why it was refused."""
 
     def __init__(self, record_name: str, bad: BadRecord):

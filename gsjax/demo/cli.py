@@ -10,6 +10,7 @@ from typing import Annotated
 
 import typer
 
+from gsjax.cli_errors import Command, typer_app
 from gsjax.demo.context import DemoConfig
 
 DEFAULTS = DemoConfig()
@@ -69,8 +70,8 @@ def main() -> None:
     from gsjax.malloc import keep_freed_memory
 
     keep_freed_memory()
-    app = typer.Typer(add_completion=False, pretty_exceptions_show_locals=False)
-    app.command()(demo)
+    app = typer_app()
+    app.command(cls=Command)(demo)
     app()
 
 

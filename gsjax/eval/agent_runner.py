@@ -39,6 +39,7 @@ from gsjax.agent.config import (
     tools_config_from_env,
 )
 from gsjax.agent.loop import EpisodeResult, Task, episode_dir_name, run_episode
+from gsjax.errors import InputError
 from gsjax.eval.knowgen import EpisodeOutcome
 from gsjax.eval.records import BenchmarkItem
 from gsjax.fileio import atomic_write_text
@@ -54,7 +55,7 @@ SECRET_ENVS: dict[str, dict[str, tuple[str, str]]] = {
 }
 
 
-class AgentConfigError(ValueError):
+class AgentConfigError(InputError, ValueError):
     """A setting of the agent evaluation config is wrong; the message names the file and the key."""
 
 

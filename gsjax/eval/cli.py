@@ -17,16 +17,17 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from gsjax.cli_errors import typer_app
 from gsjax.eval import knowgen, wise
-from gsjax.eval.records import RecordError, load_benchmark, load_judge_inputs, read_records
+from gsjax.eval.records import load_benchmark, load_judge_inputs, read_records
 from gsjax.rewards.heuristic import HeuristicImageJudge
 from gsjax.rewards.image_judge import ImageJudge, ImageJudgeBackend
 from gsjax.rewards.judge_client import JudgeClient, JudgeConfig
 
 console = Console(stderr=True)
-eval_app = typer.Typer(help="Evaluate: KnowGen (K-Score) and WISE (WiScore).", no_args_is_help=True)
-knowgen_app = typer.Typer(help="KnowGen: agentic run -> generation -> judge -> K-Score.", no_args_is_help=True)
-wise_app = typer.Typer(help="WISE: run -> generation -> judge -> WiScore.", no_args_is_help=True)
+eval_app = typer_app(help="Evaluate: KnowGen (K-Score) and WISE (WiScore).", no_args_is_help=True)
+knowgen_app = typer_app(help="KnowGen: agentic run -> generation -> judge -> K-Score.", no_args_is_help=True)
+wise_app = typer_app(help="WISE: run -> generation -> judge -> WiScore.", no_args_is_help=True)
 eval_app.add_typer(knowgen_app, name="knowgen")
 eval_app.add_typer(wise_app, name="wise")
 
@@ -147,10 +148,7 @@ def knowgen_run(benchmark: Annotated[Path, typer.Option(help="KnowGen JSON/JSONL
                 runner: RunnerSpec = DEFAULT_RUNNER, runner_config: RunnerConfig = None, workers: Workers = 5) -> None:
     """Run the agent on every benchmark prompt -> <out>/results.json and <out>/ref_images/
     (gsjax's agent also keeps each episode in <out>/episodes/)."""
-    try:
-        items = load_benchmark(benchmark)
-    except RecordError as exc:
-        _fail(exc)
+    items = load_benchmark(benchmark)
     _run_agent(items, out, runner, runner_config, workers)
 
 
@@ -166,10 +164,7 @@ def _image_generator(url: str, backend: str, model: str, key_env: str) -> Any:
 
 def _generate(results: Path, out: Path, generator: Any, max_images: int, direct: bool, workers: int,
               attempts: int) -> None:
-    try:
-        rows = knowgen.read_stage_rows(results)
-    except RecordError as exc:
-        _fail(exc)
+    rows = knowgen.read_stage_rows(results)
     with RichStageProgress("generate", _not_success) as progress:
         path = knowgen.generate_stage(rows, results.parent, out, generator, max_images=max_images, direct=direct,
                                       attempts=attempts, workers=workers, progress=progress)
@@ -208,10 +203,7 @@ def knowgen_judge(
     workers: Workers = 8,
 ) -> None:
     """Judge each generated image against its ground truth -> judgements JSONL + results_eval.json."""
-    try:
-        inputs = load_judge_inputs(input)
-    except RecordError as exc:
-        _fail(exc)
+    inputs = load_judge_inputs(input)
     judge: ImageJudgeBackend = HeuristicImageJudge() if heuristic else ImageJudge(
         _judge_client(judge_base_url, judge_model, judge_api_key_env, judge_max_attempts, judge_timeout, judge_cache))
     with RichStageProgress("judge", _not_judged) as progress:
@@ -229,11 +221,8 @@ def knowgen_score(
     title: str = "KnowGen",
 ) -> None:
     """K-Score (strict and upstream), per group/category/difficulty -> score.json, report.md, categories.png."""
-    try:
-        expected = load_benchmark(benchmark, require_gt=False) if benchmark else ()
-        report = knowgen.score_stage(judgments, out, expected=expected, title=title)
-    except RecordError as exc:
-        _fail(exc)
+    expected = load_benchmark(benchmark, require_gt=False) if benchmark else ()
+    report = knowgen.score_stage(judgments, out, expected=expected, title=title)
     if report["unknown_category"]["count"]:
         console.print("[yellow]warning:[/yellow] excluded samples with an unknown category: "
                       f"{report['unknown_category']['ids']}")
@@ -260,18 +249,11 @@ def knowgen_compare(
 WiseData = Annotated[Path, typer.Option("--data", help="WISE data folder (or one of its JSON files).")]
 
 
-def _wise_items(data: Path) -> list[wise.WiseItem]:
-    try:
-        return wise.load_wise(data)
-    except (RecordError, FileNotFoundError) as exc:
-        _fail(exc)
-
-
 @wise_app.command("run")
 def wise_run(data: WiseData, out: Out, runner: RunnerSpec = DEFAULT_RUNNER, runner_config: RunnerConfig = None,
              workers: Workers = 5) -> None:
     """Run the agent on the WISE prompts (prompt only; WISE has no ground-truth image)."""
-    _run_agent([it.as_benchmark_item() for it in _wise_items(data)], out, runner, runner_config, workers)
+    _run_agent([it.as_benchmark_item() for it in wise.load_wise(data)], out, runner, runner_config, workers)
 
 
 @wise_app.command("generate")
@@ -292,7 +274,8 @@ def wise_generate(
         raise typer.BadParameter("give exactly one of --results and --data")
     generator = _image_generator(generator_url, generator_backend, generator_model, generator_api_key_env)
     if data is not None:
-        rows = [{"id": it.prompt_id, "prompt": it.prompt, "meta": {"category": it.subset}} for it in _wise_items(data)]
+        rows = [{"id": it.prompt_id, "prompt": it.prompt, "meta": {"category": it.subset}}
+                for it in wise.load_wise(data)]
         with RichStageProgress("generate", _not_success) as progress:
             knowgen.generate_stage(rows, data, out, generator, max_images=max_images, attempts=attempts,
                                    workers=workers, progress=progress)
@@ -317,7 +300,7 @@ def wise_judge(
     judge = wise.WiseJudge(_judge_client(judge_base_url, judge_model, judge_api_key_env, judge_max_attempts,
                                          judge_timeout, judge_cache))
     with RichStageProgress("wise judge", _not_judged) as progress:
-        wise.wise_judge_stage(_wise_items(data), images, out, judge, workers=workers, progress=progress)
+        wise.wise_judge_stage(wise.load_wise(data), images, out, judge, workers=workers, progress=progress)
     console.print(f"wrote {out}")
 
 

@@ -15,12 +15,13 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Protocol, TypeVar
 
+from gsjax.errors import InputError
 from gsjax.fileio import atomic_write_text
 
 Item = TypeVar("Item")
 
 
-class CorruptRecordFile(ValueError):
+class CorruptRecordFile(InputError, ValueError):
     """A line in the middle of a record file is not JSON (a torn last line is repaired instead)."""
 
 

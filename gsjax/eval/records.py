@@ -7,19 +7,20 @@ error, so a broken benchmark file is fixed in one pass.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gsjax.errors import InputError
 from gsjax.eval.jsonl import record_key
 from gsjax.eval.kscore import CATEGORY_GROUP, JudgedSample
+from gsjax.fileio import read_json_records
 
 KNOWGEN_CATEGORIES = frozenset(CATEGORY_GROUP)
 _SHOWN_PROBLEMS = 20
 
 
-class RecordError(ValueError):
+class RecordError(InputError, ValueError):
     """Invalid input records; `problems` name each offending sample."""
 
     def __init__(self, source: Path | str, problems: Sequence[str]) -> None:
@@ -33,19 +34,7 @@ class RecordError(ValueError):
 
 def read_records(path: Path | str) -> list[dict]:
     """A JSON array or JSONL file of objects."""
-    path = Path(path)
-    text = path.read_text(encoding="utf-8")
-    stripped = text.lstrip()
-    if stripped.startswith("["):
-        rows = json.loads(stripped)
-    else:
-        rows = []
-        for number, line in enumerate(text.splitlines(), start=1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise RecordError(path, [f"line {number}: not JSON ({exc})"]) from exc
+    rows = read_json_records(path)
     bad = [f"entry #{i}: not a JSON object" for i, row in enumerate(rows) if not isinstance(row, dict)]
     if bad:
         raise RecordError(path, bad)

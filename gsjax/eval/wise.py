@@ -12,11 +12,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from gsjax.errors import InputFileNotFound
 from gsjax.eval.jsonl import RecordStore, StageProgress, run_resumable, write_json
 from gsjax.eval.records import BenchmarkItem, RecordError, read_records, sample_label
 from gsjax.eval.report import bar_chart
-from gsjax.rewards.judge_client import ImageSource, InvalidJudgeOutput, JudgeClient, JudgeRequest, JudgeResult
 from gsjax.fileio import atomic_write_text
+from gsjax.rewards.judge_client import ImageSource, InvalidJudgeOutput, JudgeClient, JudgeRequest, JudgeResult
 
 # prompt_id ranges of the six subsets (WISE's scoring scripts); sizes 400/167/133/100/100/100.
 SUBSETS: tuple[tuple[str, int, int], ...] = (
@@ -68,7 +69,7 @@ def _wise_files(path: Path) -> list[Path]:
         found = [folder / name for name in DATA_FILES if (folder / name).is_file()]
         if found:
             return found
-    raise FileNotFoundError(f"{path}: none of {', '.join(DATA_FILES)} found (looked in it and in its data/)")
+    raise InputFileNotFound(f"{path}: none of {', '.join(DATA_FILES)} found (looked in it and in its data/)")
 
 
 def load_wise(path: Path | str) -> list[WiseItem]:

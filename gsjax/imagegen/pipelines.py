@@ -22,6 +22,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from gsjax.errors import InputFileNotFound
 from gsjax.imagegen.schema import GenerationParams
 
 QWEN_PROCESSOR_CLASSES = ("Qwen2VLProcessor", "Qwen2_5_VLProcessor")
@@ -66,7 +67,7 @@ def read_model_index(path: Path) -> dict[str, Any]:
     """The folder's `model_index.json`; a clear error when `path` is not a saved diffusers pipeline."""
     index_file = Path(path) / "model_index.json"
     if not index_file.is_file():
-        raise FileNotFoundError(f"{path} is not a diffusers pipeline folder (no model_index.json)")
+        raise InputFileNotFound(f"{path} is not a diffusers pipeline folder (no model_index.json)")
     try:
         index = json.loads(index_file.read_text())
     except json.JSONDecodeError as exc:

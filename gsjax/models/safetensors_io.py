@@ -16,6 +16,8 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
+from gsjax.errors import InputFileNotFound
+
 _DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
     "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
@@ -78,7 +80,7 @@ class CheckpointReader:
             single = SafetensorsFile(directory / SINGLE_NAME)
             self._where = {k: single for k in single.keys()}
         else:
-            raise FileNotFoundError(f"{directory}: neither {SINGLE_NAME} nor {INDEX_NAME} found")
+            raise InputFileNotFound(f"{directory}: neither {SINGLE_NAME} nor {INDEX_NAME} found")
         self.directory = directory
 
     def __contains__(self, key: str) -> bool:

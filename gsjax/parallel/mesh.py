@@ -16,12 +16,14 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh
 
+from gsjax.errors import InputError
+
 log = logging.getLogger(__name__)
 
 MESH_AXES = ("data", "fsdp", "expert", "tensor")  # tensor innermost: the most communication-heavy axis
 
 
-class MeshError(ValueError):
+class MeshError(InputError, ValueError):
     """The mesh config does not fit the devices present; the message names the axes and the count."""
 
 

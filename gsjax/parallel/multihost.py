@@ -26,13 +26,14 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from gsjax.errors import InputError
 from gsjax.models.qwen3_vl.vision import VisionInputs, pad_vision
 from gsjax.parallel.sharding import Rules, batch_parts, batch_sharding
 
 T = TypeVar("T")
 
 
-class MultiHostError(ValueError):
+class MultiHostError(InputError, ValueError):
     """A layout that a multi-process run cannot place correctly."""
 
 

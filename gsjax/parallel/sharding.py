@@ -16,6 +16,8 @@ import jax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from gsjax.errors import InputError
+
 MeshAxes = str | tuple[str, ...] | None
 Rules = Sequence[tuple[str, MeshAxes]]
 
@@ -50,7 +52,7 @@ DEFAULT_RULES: tuple[tuple[str, MeshAxes], ...] = (
 LARGE_PARAM_ELEMENTS = 2**22  # ~4M elements: replicating such a tensor on every device is a layout bug
 
 
-class ShardingError(ValueError):
+class ShardingError(InputError, ValueError):
     """A dimension does not divide its mesh axes, or a large parameter is fully replicated."""
 
 

@@ -19,6 +19,8 @@ from typing import Any, Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from gsjax.errors import InputFileNotFound
+
 ImageInput = Union[Image.Image, np.ndarray, str, Path]
 
 MAX_ASPECT_RATIO = 200
@@ -98,7 +100,7 @@ class ImageProcessorConfig:
         """Read `<model_dir>/preprocessor_config.json`."""
         path = Path(model_dir) / "preprocessor_config.json"
         if not path.is_file():
-            raise FileNotFoundError(f"no preprocessor_config.json in {model_dir}")
+            raise InputFileNotFound(f"no preprocessor_config.json in {model_dir}")
         return cls.from_hf_config(json.loads(path.read_text()))
 
     def to_hf_kwargs(self) -> dict[str, Any]:
@@ -179,7 +181,7 @@ def load_image_file(path: str | Path) -> np.ndarray:
     """HF `load_image` semantics for a local file: decode fully, EXIF transpose, `convert("RGB")`."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"image file not found: {path}")
+        raise InputFileNotFound(f"image file not found: {path}")
     try:
         with Image.open(path) as img:
             return np.asarray(ImageOps.exif_transpose(img).convert("RGB"))
@@ -277,7 +279,7 @@ def process_images(images: Sequence[ImageInput], cfg: ImageProcessorConfig) -> t
         try:
             pixels, grid = process_image(image, cfg)
         except FileNotFoundError as exc:
-            raise FileNotFoundError(f"{_describe(image, index)}: {exc}") from exc
+            raise InputFileNotFound(f"{_describe(image, index)}: {exc}") from exc
         except TypeError as exc:
             raise TypeError(f"{_describe(image, index)}: {exc}") from exc
         except (ValueError, OSError) as exc:

@@ -19,6 +19,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from gsjax.errors import InputFileNotFound
 from gsjax.processing.template import chat_template
 from gsjax.processing.tokens import ADDED_TOKENS, ENDOFTEXT, FIRST_ADDED_ID, IM_END
 
@@ -204,7 +205,7 @@ def load_tokenizer(model_dir: str | Path | None = None, *, cache_dir: str | Path
     mutate it."""
     if model_dir is not None:
         if not Path(model_dir).is_dir():
-            raise FileNotFoundError(f"model directory not found: {model_dir}")
+            raise InputFileNotFound(f"model directory not found: {model_dir}")
         if has_tokenizer_files(model_dir):
             return _load(str(Path(model_dir).resolve()), True)
     return _load(str(offline_tokenizer_dir(cache_dir).resolve()), False)

@@ -196,6 +196,8 @@ def read_recipe(path: str | Path | None, error: type[Exception] = SFTConfigError
     path = Path(path)
     try:
         loaded = yaml.safe_load(path.read_text())
+    except (FileNotFoundError, IsADirectoryError) as e:
+        raise error(f"{path}: no such recipe file") from e
     except yaml.YAMLError as e:
         raise error(f"{path} is not valid YAML: {e}") from e
     if loaded is not None and not isinstance(loaded, dict):

@@ -10,6 +10,8 @@ from typing import Annotated
 
 import typer
 
+from gsjax.cli_errors import Command, typer_app
+
 
 def grpo(
     config: Annotated[Path, typer.Argument(help="YAML recipe, e.g. configs/grpo_tiny_cpu.yaml")],
@@ -35,8 +37,8 @@ def main(argv: list[str] | None = None) -> None:
     from gsjax.malloc import keep_freed_memory
 
     keep_freed_memory()
-    app = typer.Typer(add_completion=False)
-    app.command()(grpo)
+    app = typer_app()
+    app.command(cls=Command)(grpo)
     app(args=sys.argv[1:] if argv is None else argv, standalone_mode=True)
 
 

@@ -17,6 +17,9 @@ from typing import Any
 
 import numpy as np
 
+from gsjax.errors import RecordFileError
+from gsjax.fileio import read_json_records
+
 log = logging.getLogger(__name__)
 
 
@@ -33,9 +36,7 @@ def read_rl_records(path: str | Path, image_root: str | Path | None = None) -> t
     """Prompts from a JSON array or JSONL of {id, prompt|question, gt_image}; items missing a field or whose
     image is absent are skipped and counted by reason."""
     path = Path(path)
-    text = path.read_text()
-    items: Any = json.loads(text) if text.lstrip().startswith("[") else [
-        json.loads(line) for line in text.splitlines() if line.strip()]
+    items = read_json_records(path, "RL prompt file")
     root = Path(image_root) if image_root else path.parent
     prompts: list[Prompt] = []
     skipped: dict[str, int] = {}
@@ -92,7 +93,9 @@ class PromptStream:
 
     def __post_init__(self) -> None:
         if self.steps_per_epoch < 1:
-            raise ValueError(f"{len(self.prompts)} prompts do not fill one batch of {self.batch_size}")
+            skipped = f" ({sum(self.skipped.values())} skipped: {self.skipped})" if self.skipped else ""
+            raise RecordFileError(f"{len(self.prompts)} usable prompts{skipped} do not fill one step's "
+                                  f"{self.batch_size} (rollout.prompts_per_step)")
 
     @property
     def steps_per_epoch(self) -> int:

@@ -24,6 +24,7 @@ from rich.console import Console
 
 from gsjax.compile_cache import use_compile_cache
 from gsjax.data import SFTDataConfig, make_sft_loader
+from gsjax.errors import InputFileNotFound
 from gsjax.models.qwen3_vl.checkpoint import export_hf, load_hf
 from gsjax.models.qwen3_vl.config import Qwen3VLConfig
 from gsjax.models.qwen3_vl.model import Qwen3VL
@@ -210,7 +211,7 @@ def export_checkpoint(checkpoint_dir: str | Path, hf_dir: str | Path, *, step: i
     with Checkpointer(checkpoint_dir, read_only=True) as reader:
         chosen = step if step is not None else reader.latest_step()
         if chosen is None:
-            raise FileNotFoundError(f"no committed checkpoint under {checkpoint_dir}")
+            raise InputFileNotFound(f"no committed checkpoint under {checkpoint_dir}")
         saved = reader.saved_config(chosen)
         cfg = SFTConfig.from_dict(saved)
         model_config = cfg.model_config()

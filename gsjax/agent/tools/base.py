@@ -25,6 +25,7 @@ from gsjax import httputil
 from gsjax.agent.config import RetryConfig
 from gsjax.agent.images import ImageStore
 from gsjax.agent.protocol import ToolArgumentError
+from gsjax.errors import InputError
 
 T = TypeVar("T")
 
@@ -38,7 +39,7 @@ class ToolError(Exception):
     retryable = False
 
 
-class ToolConfigError(ToolError):
+class ToolConfigError(InputError, ToolError):
     code, retryable = "tool_config", False
 
 

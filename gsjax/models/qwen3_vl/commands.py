@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from gsjax.errors import InputFileNotFound
+
 from .checkpoint import load_hf
 from .config import RuntimeConfig
 
@@ -17,7 +19,7 @@ OPTIONAL_KEYS = ("pixel_values", "image_grid_thw", "mm_token_type_ids")
 def read_inputs(path: Path) -> dict[str, np.ndarray]:
     """Arrays from an npz, with a clear error for a missing key or an image half given."""
     if not path.exists():
-        raise FileNotFoundError(f"inputs file {path} does not exist")
+        raise InputFileNotFound(f"inputs file {path} does not exist")
     with np.load(path) as npz:
         missing = [k for k in REQUIRED_KEYS if k not in npz]
         if missing:

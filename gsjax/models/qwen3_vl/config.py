@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from gsjax.errors import InputError, InputFileNotFound
+
 log = logging.getLogger(__name__)
 
 HF_DEFAULT_ROPE_THETA = 500000.0  # Qwen3VLTextConfig's default when a file omits it (spec §1.3).
@@ -21,7 +23,7 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_qkv_out")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError, ValueError):
     """A config field is missing, inconsistent or unsupported; the message names the field."""
 
 
@@ -227,7 +229,7 @@ class Qwen3VLConfig:
         if path.is_dir():
             path = path / "config.json"
         if not path.exists():
-            raise FileNotFoundError(f"no config.json at {path}")
+            raise InputFileNotFound(f"no config.json at {path}")
         try:
             d = json.loads(path.read_text())
         except json.JSONDecodeError as e:
