@@ -32,6 +32,9 @@ def load_model_config(model: str, remat: str, dtype: str, param_dtype: str, atte
     if model.lower() in PRESETS:
         config = preset(model)
         return config.with_runtime(**{f: getattr(runtime, f) for f in runtime.__dataclass_fields__}).validate()
+    if not Path(model).exists():
+        raise typer.BadParameter(f"{model!r} is neither a preset ({', '.join(PRESETS)}) nor a config.json or "
+                                 "checkpoint directory", param_hint="--model")
     return Qwen3VLConfig.from_file(model, runtime=runtime)
 
 

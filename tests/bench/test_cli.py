@@ -80,8 +80,13 @@ def test_estimate_table_and_hf_config(app, tmp_path):
     assert "total" in result.stdout and "GiB" in result.stdout
 
 
-@pytest.mark.parametrize("args", [["--mesh", "fsdp=3"], ["--mesh", "rows=8"], ["--model", "nope"],
-                                  ["--backend", "npu"], ["--batch", "3"]])
-def test_estimate_rejects_bad_input(app, args):
+@pytest.mark.parametrize("args, message", [
+    (["--mesh", "fsdp=3"], "embed_tokens: dimension 1 (embed) of size 4096 does not divide mesh axes ('fsdp',)"),
+    (["--mesh", "rows=8"], "mesh item 'rows=8' is not AXIS=SIZE"),
+    (["--model", "nope"], "'nope' is neither a preset (2b, 4b, 8b, 30b-a3b, tiny, tiny-moe) nor a config.json"),
+    (["--backend", "npu"], "backend 'npu' not one of gpu, tpu, cpu"),
+    (["--batch", "3"], "dimension 0 (act_batch) of size 3 does not divide mesh axes ('fsdp',) of size 8")])
+def test_estimate_rejects_bad_input(app, args, message):
     result = CliRunner().invoke(app, ["estimate", "--model", "8b", "--mesh", "fsdp=8", *args])
-    assert result.exit_code != 0
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.replace("│", " ").split())  # the message, unwrapped from its box
