@@ -36,8 +36,30 @@ app.command("serve-policy", help="Serve the policy: OpenAI chat + SGLang-style /
 app.command("serve-image", help="Serve a diffusers image(-edit) pipeline over HTTP (POST /generate).")(serve_image)
 
 
+def _print_version(value: bool) -> None:
+    """`--version`: gsjax and the versions that decide its numerics, for bug reports and benchmark records."""
+    if not value:
+        return
+    from importlib.metadata import PackageNotFoundError, version
+
+    import gsjax
+
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    others = ", ".join(f"{name} {installed(name)}" for name in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint"))
+    typer.echo(f"gsjax {gsjax.__version__} ({others})")
+    raise typer.Exit()
+
+
 @app.callback()
-def main() -> None:
+def main(
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                          help="Print the versions of gsjax, JAX and Flax, and exit.")] = False,
+) -> None:
     """gsjax: SFT and agentic GRPO for a Qwen3-VL search agent, in JAX/Flax."""
     from gsjax.malloc import keep_freed_memory
 

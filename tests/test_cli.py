@@ -1,4 +1,5 @@
-"""A user's mistake reaches the command line as one line naming the culprit, exit status 2, no traceback."""
+"""The top-level command line: a user's mistake is one line naming the culprit (exit status 2, no traceback);
+`--version` names the packages that decide the numerics."""
 
 from __future__ import annotations
 
@@ -98,3 +99,14 @@ def test_record_files_read_the_same_as_array_or_lines_and_name_the_broken_line(t
         read_json_records(array)
     with pytest.raises(InputFileNotFound, match="benchmark not found: .*missing.json"):
         read_json_records(tmp_path / "missing.json", "benchmark")
+
+
+def test_version_names_gsjax_jax_and_flax() -> None:
+    from importlib.metadata import version
+
+    import gsjax
+
+    result = _run("--version")
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith(f"gsjax {gsjax.__version__} (jax {version('jax')}, jaxlib {version('jaxlib')}, "
+                                    f"flax {version('flax')}, ")
