@@ -131,6 +131,15 @@ def random_token_ids(config, batch: int, seq: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, vocab, size=(batch, seq))
 
 
+def emit(record: dict) -> None:
+    """Print one benchmark record as a JSON line, with the versions of gsjax and of both compared stacks."""
+    import gsjax
+    from gsjax.versions import NUMERIC_PACKAGES, REFERENCE_PACKAGES, package_versions
+
+    versions = {"gsjax": gsjax.__version__, **package_versions(NUMERIC_PACKAGES + REFERENCE_PACKAGES)}
+    print(json.dumps({**record, "versions": versions}), flush=True)
+
+
 def comparison(bench: str, args: argparse.Namespace, config, ours: dict, theirs: dict | None,
                loss_key: str, **extra: object) -> dict:
     """One JSON record: both sides' tokens/s and MFU (spec §7 convention), their ratio and loss agreement."""

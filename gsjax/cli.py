@@ -40,17 +40,10 @@ def _print_version(value: bool) -> None:
     """`--version`: gsjax and the versions that decide its numerics, for bug reports and benchmark records."""
     if not value:
         return
-    from importlib.metadata import PackageNotFoundError, version
-
     import gsjax
+    from gsjax.versions import package_versions
 
-    def installed(name: str) -> str:
-        try:
-            return version(name)
-        except PackageNotFoundError:
-            return "not installed"
-
-    others = ", ".join(f"{name} {installed(name)}" for name in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint"))
+    others = ", ".join(f"{name} {found}" for name, found in package_versions().items())
     typer.echo(f"gsjax {gsjax.__version__} ({others})")
     raise typer.Exit()
 

@@ -13,7 +13,6 @@ against --peak-tflops (default: nominal bf16 dense peak of the detected GPU, non
 
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ import numpy as np
 from gsjax.benchmarking import (
     build_checkpoint,
     comparison,
+    emit,
     random_token_ids,
     time_steps,
     training_bench_parser,
@@ -104,7 +104,7 @@ def main() -> None:
         ids = random_token_ids(config, args.batch, args.seq)
         ours = bench_gsjax(ckpt, ids, args.dtype, args.warmup, args.steps, args.attention)
         theirs = None if args.skip_torch else bench_torch(ckpt, ids, args.dtype, args.warmup, args.steps)
-    print(json.dumps(comparison("forward_backward", args, config, ours, theirs, "loss")))
+    emit(comparison("forward_backward", args, config, ours, theirs, "loss"))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ compile the sampler and learner programs) are reported apart and left out of the
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 from pathlib import Path
@@ -84,6 +83,7 @@ def main() -> None:
     malloc = keep_freed_memory()  # as `gsjax grpo` runs, before JAX starts its threads
     import jax
 
+    from gsjax.benchmarking import emit
     from gsjax.train.grpo import run_grpo
     from gsjax.train.grpo_config import load_grpo_config
 
@@ -102,7 +102,7 @@ def main() -> None:
               "device": str(jax.devices()[0].device_kind), "cpu_count": os.cpu_count(),
               "malloc": malloc or "system",
               **summarise(result.history, args.warmup)}
-    print(json.dumps(record))
+    emit(record)
 
 
 if __name__ == "__main__":

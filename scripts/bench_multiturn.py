@@ -17,7 +17,6 @@ line with seconds, prompt tokens prefilled and reused, and the speedup.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
@@ -25,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gsjax.benchmarking import PROMPT_VOCAB, WORKLOADS, build_checkpoint, text_only
+from gsjax.benchmarking import PROMPT_VOCAB, WORKLOADS, build_checkpoint, emit, text_only
 
 
 def run_episodes(sampler, args: argparse.Namespace, seed: int) -> tuple[float, list[list[int]]]:
@@ -97,11 +96,11 @@ def main() -> None:
     reuse, reuse_tokens = measure(model, args, True)
     plain, plain_tokens = measure(model, args, False)
     agreement = float(np.mean(np.asarray(reuse_tokens) == np.asarray(plain_tokens)))
-    print(json.dumps({"bench": "multiturn", "workload": args.workload, "dtype": args.dtype, "attention": args.attention,
-                      "device": str(jax.devices()[0].device_kind), "cpu_count": os.cpu_count(),
-                      "episodes": args.episodes, "turns": args.turns, "first_prompt": args.first_prompt,
-                      "append": args.append, "new_tokens": args.new_tokens, "reuse": reuse, "no_reuse": plain,
-                      "speedup": plain["seconds"] / reuse["seconds"], "greedy_token_agreement": agreement}))
+    emit({"bench": "multiturn", "workload": args.workload, "dtype": args.dtype, "attention": args.attention,
+          "device": str(jax.devices()[0].device_kind), "cpu_count": os.cpu_count(),
+          "episodes": args.episodes, "turns": args.turns, "first_prompt": args.first_prompt,
+          "append": args.append, "new_tokens": args.new_tokens, "reuse": reuse, "no_reuse": plain,
+          "speedup": plain["seconds"] / reuse["seconds"], "greedy_token_agreement": agreement})
 
 
 if __name__ == "__main__":

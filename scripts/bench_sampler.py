@@ -20,7 +20,6 @@ gsjax tokens/s over transformers tokens/s.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
@@ -29,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gsjax.benchmarking import WORKLOADS, build_checkpoint, random_token_ids
+from gsjax.benchmarking import WORKLOADS, build_checkpoint, emit, random_token_ids
 
 
 def sampling_kwargs(args: argparse.Namespace) -> dict:
@@ -204,7 +203,7 @@ def main() -> None:
               "sampling": sampling_kwargs(args), "device": str(jax.devices()[0].device_kind),
               "torch_device": device, "cpu_count": os.cpu_count(), "runs": runs,
               "min_ratio_at_batch_16": min(ratios) if ratios else None, "weight_sync": sync}
-    print(json.dumps(result))
+    emit(result)
 
 
 if __name__ == "__main__":

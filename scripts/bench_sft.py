@@ -13,7 +13,6 @@ gsjax runs its real `Learner` (jit, donated state, mesh over all local devices, 
 
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ import numpy as np
 from gsjax.benchmarking import (
     build_checkpoint,
     comparison,
+    emit,
     random_token_ids,
     time_steps,
     training_bench_parser,
@@ -129,7 +129,7 @@ def main() -> None:
         ids = random_token_ids(config, args.batch, args.seq)
         ours = bench_gsjax(ckpt, ids, args.dtype, args.remat, args.attention, args.warmup, args.steps)
         theirs = None if args.skip_torch else bench_torch(ckpt, ids, args.dtype, args.warmup, args.steps)
-    print(json.dumps(comparison("sft_step", args, config, ours, theirs, "first_loss", optimizer="adamw+clip")))
+    emit(comparison("sft_step", args, config, ours, theirs, "first_loss", optimizer="adamw+clip"))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import time
 
 import jax
@@ -22,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from gsjax.benchmarking import emit
 from gsjax.models.qwen3_vl.config import preset
 from gsjax.models.qwen3_vl.vision import VisionTower, vision_inputs
 
@@ -76,12 +76,12 @@ def main() -> None:
         inputs = jax.tree.map(jnp.asarray, vision_inputs(pixels, grids, model.cfg, max_frame_rows=bound))
         results[label] = measure(model, inputs, args.repeats)
     diff = float(np.abs(results["dense"].pop("features") - results["banded"].pop("features")).max())
-    print(json.dumps({
+    emit({
         "device": jax.devices()[0].device_kind, "preset": args.preset, "depth": args.depth, "dtype": args.dtype,
         "frames": args.frames, "rows_per_frame": rows, "patch_rows": args.frames * rows,
         **{f"{k}_{m}": round(v, 4) for k, r in results.items() for m, v in r.items()},
         "speedup": round(results["dense"]["seconds"] / results["banded"]["seconds"], 2),
-        "max_abs_diff": diff}))
+        "max_abs_diff": diff})
 
 
 if __name__ == "__main__":

@@ -7,8 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
+
+import gsjax
+from gsjax.versions import package_versions
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -44,6 +48,9 @@ def test_training_benchmarks_print_one_json_comparison(script):
     assert result["gsjax"]["tokens_per_s"] > 0 and result["torch"]["tokens_per_s"] > 0
     assert result["speed_ratio_gsjax_over_torch"] > 0
     assert min(v for k, v in result.items() if k.endswith("loss_abs_diff")) < 1e-4
+    assert result["versions"] == {"gsjax": gsjax.__version__, **package_versions(("jax", "jaxlib", "flax", "optax",
+                                                                                  "orbax-checkpoint", "torch",
+                                                                                  "transformers"))}
 
 
 def test_vision_attention_benchmark_compares_both_kernels_on_the_same_inputs():
@@ -53,4 +60,4 @@ def test_vision_attention_benchmark_compares_both_kernels_on_the_same_inputs():
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["patch_rows"] == 128 and result["dense_seconds"] > 0 and result["banded_seconds"] > 0
     assert result["banded_gflops"] < result["dense_gflops"]
-    assert result["max_abs_diff"] < 1e-5
+    assert result["max_abs_diff"] < 1e-5 and result["versions"]["jax"] == jax.__version__
