@@ -96,7 +96,7 @@ def gather_rows(cache: DecodeCache, slots: jax.Array, offsets: jax.Array, window
     valid; writes go after them. Out-of-range slots (filler rows) read the last slot and are never stored."""
     rows = jnp.minimum(slots, cache.lengths.shape[0] - 1)
     valid = jnp.arange(window)[None, :] < offsets[:, None]
-    layers = [LayerCache(k=layer.k[rows, :window], v=layer.v[rows, :window]) for layer in cache.layers]
+    layers = [LayerCache(k=layer.k[rows, :, :window], v=layer.v[rows, :, :window]) for layer in cache.layers]
     return DecodeCache(layers=layers, kv_valid=valid, lengths=offsets.astype(jnp.int32))
 
 
@@ -105,8 +105,8 @@ def insert_rows(cache: DecodeCache, fresh: DecodeCache, slots: jax.Array, valid:
     """Copy prefilled rows (a cache of P columns) into slots of the big cache; the rest of a slot's row is
     marked invalid, and its next write goes to `lengths` (the prompt length, over the right padding)."""
     rows, width = valid.shape
-    layers = [LayerCache(k=big.k.at[slots, :width].set(new.k.astype(big.k.dtype), mode="drop"),
-                         v=big.v.at[slots, :width].set(new.v.astype(big.v.dtype), mode="drop"))
+    layers = [LayerCache(k=big.k.at[slots, :, :width].set(new.k.astype(big.k.dtype), mode="drop"),
+                         v=big.v.at[slots, :, :width].set(new.v.astype(big.v.dtype), mode="drop"))
               for big, new in zip(cache.layers, fresh.layers)]
     row_valid = jnp.zeros((rows, cache.kv_valid.shape[1]), bool).at[:, :width].set(valid)
     return DecodeCache(layers=layers, kv_valid=cache.kv_valid.at[slots].set(row_valid, mode="drop"),
@@ -145,8 +145,8 @@ class BatchDecoder:
         if self.mesh is None:
             return None, None, None
         mesh, rules, t = self.mesh, self.rules, self.config.text
-        kv_shape = (self.num_slots, self.max_len, t.num_key_value_heads, t.head_dim)
-        kv = NamedSharding(mesh, logical_to_spec(("act_batch", "act_length", "act_heads", None), kv_shape, mesh,
+        kv_shape = (self.num_slots, t.num_key_value_heads, self.max_len, t.head_dim)
+        kv = NamedSharding(mesh, logical_to_spec(("act_batch", "act_heads", "act_length", None), kv_shape, mesh,
                                                  rules, what="KV cache"))
         rows1, rows2 = batch_sharding(mesh, 1, rules), batch_sharding(mesh, 2, rules)
         cache = DecodeCache(layers=[LayerCache(k=kv, v=kv) for _ in range(t.num_hidden_layers)], kv_valid=rows2,

@@ -24,7 +24,7 @@ def test_sharded_sampler_matches_single_device_forward(sampler_hf_dirs, sampler_
     engine = JaxSampler(sampler_hf_dirs["base"], SamplerConfig(max_slots=4, max_total_len=64, min_prefill_bucket=32,
                                                                min_reuse_tokens=1), mesh=mesh)
     try:
-        assert engine.decoder.cache.layers[0].k.sharding.spec == PartitionSpec("fsdp", None, "tensor")
+        assert engine.decoder.cache.layers[0].k.sharding.spec == PartitionSpec("fsdp", "tensor")  # (B, K, S, H)
         params = SamplingParams(max_tokens=10, temperature=0.0)
         requests = [text_request(3, params), image_request(params), text_request(21, params),
                     text_request(9, params), text_request(30, params)]

@@ -40,7 +40,7 @@ class DecodeCache:
                ) -> DecodeCache:
         t = config.text
         dt = dtype or dtype_of(config.runtime.dtype)
-        shape = (batch, max_len, t.num_key_value_heads, t.head_dim)
+        shape = (batch, t.num_key_value_heads, max_len, t.head_dim)  # head-major: see LayerCache
         layers = [LayerCache(k=jnp.zeros(shape, dt), v=jnp.zeros(shape, dt)) for _ in range(t.num_hidden_layers)]
         return cls(layers=layers, kv_valid=jnp.zeros((batch, max_len), bool),
                    lengths=jnp.zeros((batch,), jnp.int32))

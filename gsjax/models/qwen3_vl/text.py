@@ -12,7 +12,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from gsjax.parallel.sharding import constrain
 
-from .attention import AttentionMask, attend
+from .attention import AttentionMask, attend, attend_cached
 from .config import Qwen3VLConfig, TextConfig
 from .layers import Dense, KeySource, RMSNorm, make_param
 from .rope import apply_rotary
@@ -23,7 +23,8 @@ HEADS = ("act_batch", "act_length", "act_heads", None)
 @jax.tree_util.register_dataclass
 @dataclass(frozen=True)
 class LayerCache:
-    """Preallocated keys/values of one layer, (B, S_max, K, hd); written at each row's own offset."""
+    """Preallocated keys/values of one layer, head-major (B, K, S_max, hd), so a decode step reads each head's
+    keys as one contiguous block; written at each row's own offset."""
 
     k: jax.Array
     v: jax.Array
@@ -40,10 +41,10 @@ class RouterStats:
 
 
 def write_cache(cache: LayerCache, k: jax.Array, v: jax.Array, offsets: jax.Array) -> LayerCache:
-    """Write (B, T, K, hd) keys/values into the cache at per-row offsets (B,)."""
+    """Write (B, T, K, hd) keys/values into the head-major cache at per-row offsets (B,)."""
 
     def put(buf, new, off):
-        return jax.lax.dynamic_update_slice(buf, new.astype(buf.dtype), (off, 0, 0))
+        return jax.lax.dynamic_update_slice(buf, jnp.swapaxes(new, 0, 1).astype(buf.dtype), (0, off, 0))
 
     return LayerCache(k=jax.vmap(put)(cache.k, k, offsets), v=jax.vmap(put)(cache.v, v, offsets))
 
@@ -73,8 +74,15 @@ class Attention(nnx.Module):
         k, v = checkpoint_name(constrain(k, HEADS), "qkv"), checkpoint_name(constrain(v, HEADS), "qkv")
         if cache is not None:
             cache = write_cache(cache, k, v, cache_offsets)
-            k, v = cache.k[:, :cache_window].astype(dt), cache.v[:, :cache_window].astype(dt)
-        o = checkpoint_name(attend(q, k, v, mask, impl=impl, chunk=chunk), "attn_out")
+        if cache is None:
+            o = attend(q, k, v, mask, impl=impl, chunk=chunk)
+        elif mask.kind == "causal":  # a prefill that fills a cache of its own length: attend to what was written
+            o = attend(q, k.astype(cache.k.dtype).astype(dt), v.astype(cache.v.dtype).astype(dt), mask, impl=impl,
+                       chunk=chunk)
+        else:
+            o = attend_cached(q, cache.k[:, :, :cache_window].astype(dt), cache.v[:, :, :cache_window].astype(dt),
+                              mask, impl=impl, chunk=chunk)
+        o = checkpoint_name(o, "attn_out")
         return jnp.einsum("blnk,nkd->bld", o, self.o_proj[...].astype(dt)), cache
 
 
