@@ -185,7 +185,8 @@ def _single_query(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask)
     cache needed a transposed copy of the window per layer and step: this op took twice as long at 256 cached
     tokens on CPU, and a batch-16 decode step of the perf-notes model 25 % longer at 256 and 1024);
     the weighted sum of V multiplies and reduces over S in the cache's own layout, so masked keys add exact
-    zeros and the result does not depend on how much masked cache the window spans (bit for bit on CPU).
+    zeros and the result does not depend on how much masked cache the window spans (bit for bit on CPU between
+    the sampler's window buckets; a window of an odd width can change the reductions' rounding, ~4e-7).
     """
     batch, _, heads, dim = q.shape
     kv_heads = k.shape[1]
