@@ -24,6 +24,8 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from gsjax.errors import InputError
+
 from .state import ShardedSetup, TrainState, init_state
 
 log = logging.getLogger(__name__)
@@ -34,6 +36,10 @@ _STEP_METADATA = "_CHECKPOINT_METADATA"  # written by orbax into the step direct
 
 class CheckpointError(RuntimeError):
     """A checkpoint cannot be written or does not fit the state it is restored into."""
+
+
+class CheckpointMismatch(InputError, CheckpointError):
+    """The run directory holds checkpoints of another model, freeze list or optimizer than the config's."""
 
 
 @dataclass
@@ -233,8 +239,9 @@ class Checkpointer:
                      for p, shape in wanted.items() if p in saved_shapes and saved_shapes[p] != shape]
         if problems:
             more = f" (and {len(problems) - 10} more)" if len(problems) > 10 else ""
-            raise CheckpointError(f"checkpoint step {step} under {self.directory} does not fit the target state "
-                                  f"(changed model, freeze list or optimizer?): {'; '.join(problems[:10])}{more}")
+            raise CheckpointMismatch(f"checkpoint step {step} under {self.directory} does not fit the target state "
+                                     f"(changed model, freeze list or optimizer? a new run needs a new "
+                                     f"train.out_dir): {'; '.join(problems[:10])}{more}")
 
     # ------------------------------------------------------------------ lifecycle
     def wait(self) -> None:

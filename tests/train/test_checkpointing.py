@@ -17,7 +17,7 @@ from gsjax.models.qwen3_vl.config import preset
 from gsjax.parallel.mesh import MeshConfig, build_mesh
 from gsjax.train.checkpointing import (
     Checkpointer,
-    CheckpointError,
+    CheckpointMismatch,
     abstract_state,
     abstract_train_state,
     complete_steps,
@@ -171,12 +171,12 @@ def test_restoring_into_a_different_state_is_an_error(tmp_path: Path):
         ckpt.save(1, _small_state())
     target = abstract_state(_small_state())
     target["params"]["extra"] = nnx.Param(jax.ShapeDtypeStruct((2,), jnp.float32))
-    with pytest.raises(CheckpointError, match="params/extra: not in the checkpoint"):
+    with pytest.raises(CheckpointMismatch, match="a new run needs a new train.out_dir.*params/extra: not in the ch"):
         restore_latest(tmp_path, target)
     resized = abstract_state(_small_state())
     resized["params"]["w"] = nnx.Param(jax.ShapeDtypeStruct((16, 4), jnp.float32,
                                                             sharding=resized["step"].sharding))
-    with pytest.raises(CheckpointError, match=r"params/w: shape \(8, 4\) in the checkpoint, \(16, 4\) in the"):
+    with pytest.raises(CheckpointMismatch, match=r"params/w: shape \(8, 4\) in the checkpoint, \(16, 4\) in the"):
         restore_latest(tmp_path, resized)
 
 

@@ -23,6 +23,8 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
+from gsjax.errors import InputError
+
 from ..safetensors_io import INDEX_NAME, SINGLE_NAME, CheckpointReader, shard_plan, write_safetensors
 from .config import Qwen3VLConfig, RuntimeConfig
 from .layers import dtype_of
@@ -38,8 +40,9 @@ NP_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfl
              "float16": np.dtype(np.float16)}
 
 
-class CheckpointError(ValueError):
-    """A missing, unexpected or wrongly shaped tensor; the message names the key."""
+class CheckpointError(InputError, ValueError):
+    """A checkpoint directory with a missing, unexpected or wrongly shaped tensor; the message names the key.
+    (A conversion rule that does not fit the model is a bug here, a RuntimeError.)"""
 
 
 @dataclass(frozen=True)
@@ -213,14 +216,14 @@ def load_hf(directory: str | Path, runtime: RuntimeConfig | None = None, place: 
             raise CheckpointError(f"{directory}: tensor {rule.hf_key!r} has shape {found}, expected {rule.hf_shape}")
         for path, array in zip(rule.paths, rule.to_jax(reader.get(rule.hf_key))):
             if path not in expected:
-                raise CheckpointError(f"internal: rule for {rule.hf_key!r} targets unknown parameter {path!r}")
+                raise RuntimeError(f"internal: rule for {rule.hf_key!r} targets unknown parameter {path!r}")
             if array.shape != expected[path].shape:
-                raise CheckpointError(f"{rule.hf_key!r} converts to {array.shape} for {path!r}, "
-                                      f"expected {expected[path].shape}")
+                raise RuntimeError(f"internal: {rule.hf_key!r} converts to {array.shape} for {path!r}, "
+                                   f"expected {expected[path].shape}")
             values[path] = place(path, array, dtype)
     missing = sorted(set(expected) - set(values))
     if missing:
-        raise CheckpointError(f"internal: no checkpoint rule fills parameters {missing[:5]}")
+        raise RuntimeError(f"internal: no checkpoint rule fills parameters {missing[:5]}")
     flat = [(p, v.replace(values[_dotted(p)])) for p, v in nnx.to_flat_state(state)]
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
