@@ -51,7 +51,7 @@ def _print_version(value: bool) -> None:
 @app.callback()
 def main(
     version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
-                                          help="Print the versions of gsjax, JAX and Flax, and exit.")] = False,
+                                          help="Print the versions of gsjax and its JAX stack, and exit.")] = False,
 ) -> None:
     """gsjax: SFT and agentic GRPO for a Qwen3-VL search agent, in JAX/Flax."""
     from gsjax.malloc import keep_freed_memory

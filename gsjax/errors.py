@@ -2,7 +2,7 @@
 
 A config key, a mesh that does not fit the devices, a record the data refuses, a recipe file that is
 not there: each error class of that kind also derives from `InputError`, and its message names the
-culprit. The command line (gsjax/cli.py) prints such an error as one line instead of a traceback,
+culprit. The command lines (gsjax/cli_errors.py) print such an error as one line instead of a traceback,
 since the traceback would only bury the name; any other exception keeps its traceback.
 """
 
