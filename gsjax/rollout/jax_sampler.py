@@ -36,6 +36,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from gsjax.models.qwen3_vl.attention import decode_block
 from gsjax.models.qwen3_vl.checkpoint import load_hf
 from gsjax.models.qwen3_vl.config import Qwen3VLConfig, RuntimeConfig
 from gsjax.models.qwen3_vl.model import Qwen3VL
@@ -135,8 +136,13 @@ class JaxSampler:
         # fewer row buckets, fewer compiled prefill programs (each padded row costs a little compute)
         self.row_buckets = power_buckets(max(parallel, c.min_prefill_rows), c.max_slots, multiple=parallel)
         self.length_buckets = power_buckets(min(c.min_prefill_bucket, c.max_total_len), c.max_total_len)
-        # decode attends over the smallest of these that holds the longest live row: one compile per bucket
+        # a prefill onto a reused prefix, and a decode step, attend over the smallest of these that holds the
+        # longest row: one compile per bucket. Where the decode kernel itself visits only the blocks of live keys
+        # (CPU), a decode step takes the whole cache: one compiled program, no window copied out.
         self.window_buckets = split_buckets(self.length_buckets, c.decode_window_splits)
+        runtime = self.model_config.runtime
+        blocked = decode_block(runtime.attention_impl, runtime.attention_chunk, c.max_total_len) is not None
+        self.decode_windows = (c.max_total_len,) if blocked else self.window_buckets
         self.stats = SamplerStats()
         self._idle_since: float | None = None  # when the loop began waiting for requests (None: busy)
         self._slots: list[Decoding | None] = [None] * c.max_slots
@@ -349,7 +355,7 @@ class JaxSampler:
         discarded, so the largest bucket (the whole cache) is enough.
         """
         need = max(s.next_cache_length() for s in live)
-        return fit_bucket(min(need, self.config.max_total_len), self.window_buckets)
+        return fit_bucket(min(need, self.config.max_total_len), self.decode_windows)
 
     def _read(self, event: _Event) -> None:
         """Hand the event's tokens to their requests; finished requests resolve and free their slots."""

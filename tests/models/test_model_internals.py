@@ -122,11 +122,12 @@ def test_chunked_attention_keeps_the_input_dtype():
     assert attend(q, k, v, causal_mask(None), impl="chunked", chunk=64).dtype == jnp.bfloat16
 
 
+@pytest.mark.parametrize("impl", ["chunked", "xla"])
 @pytest.mark.parametrize("queries", [1, 5])
-def test_attention_over_a_head_major_cache_equals_the_dense_kernel(queries):
-    """`attend_cached` reads (B, K, S, H) cache windows: one query per row through the decode kernel, several
-    through the (B, S, K, H) kernels; both equal dense attention, and masked columns past the live keys (a wider
-    window bucket) change nothing, bit for bit, for a decode step."""
+def test_attention_over_a_head_major_cache_equals_the_dense_kernel(queries, impl):
+    """`attend_cached` reads (B, K, S, H) caches: one query per row through a decode kernel (blocked on CPU's
+    "chunked", windowed otherwise), several through the (B, S, K, H) kernels; all equal dense attention, and
+    masked columns past the live keys (a wider window or cache) change nothing, bit for bit, for a decode step."""
     keys = jax.random.split(jax.random.PRNGKey(3), 3)
     q = jax.random.normal(keys[0], (3, queries, 8, 16))
     k, v = (jax.random.normal(key, (3, 2, 64, 16)) for key in keys[1:])  # (B, K, S, H), GQA 8 / 2
@@ -135,12 +136,16 @@ def test_attention_over_a_head_major_cache_equals_the_dense_kernel(queries):
     valid = valid.at[1, 3].set(False)  # a hole inside a row
     mask = cached_mask(lengths[:, None] + jnp.arange(queries)[None, :], valid)
     expected = attend(q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), mask, impl="xla")
-    got = attend_cached(q, k, v, mask, impl="chunked")
+    got = attend_cached(q, k, v, mask, impl=impl, chunk=16)
     assert np.abs(np.asarray(got - expected)).max() < 1e-5
     if queries == 1:  # rows 0 and 1 hold fewer than 32 keys: a 32-column window and all 64 agree exactly
-        window = attend_cached(q[:2], k[:2, :, :32], v[:2, :, :32], cached_mask(mask.q_index[:2], valid[:2, :32]))
-        whole = attend_cached(q[:2], k[:2], v[:2], cached_mask(mask.q_index[:2], valid[:2]))
+        window = attend_cached(q[:2], k[:2, :, :32], v[:2, :, :32], cached_mask(mask.q_index[:2], valid[:2, :32]),
+                               impl=impl, chunk=16)
+        whole = attend_cached(q[:2], k[:2], v[:2], cached_mask(mask.q_index[:2], valid[:2]), impl=impl, chunk=16)
         np.testing.assert_array_equal(np.asarray(window), np.asarray(whole))
+        # blocked: rows 0 and 1 give the same bits beside row 2, whose 64 keys take the loop through 4 blocks
+        both = attend_cached(q, k, v, mask, impl=impl, chunk=16)
+        np.testing.assert_array_equal(np.asarray(both[:2]), np.asarray(whole))
 
 
 def _tiny(moe: bool = False, **runtime) -> Qwen3VL:

@@ -152,20 +152,25 @@ def count_backend_compiles():
         jax.monitoring.unregister_event_duration_listener(listener)
 
 
-def test_decode_compiles_once_per_window_bucket_never_per_token(sampler):
-    assert sampler.window_buckets == (32, 48, 64)  # the prefill buckets 32, 64, each octave cut in two
-    before = sampler.compilations()
-    # 7 + 40 tokens cross from the 32-slot window into the 64-slot one: at most one new variant per bucket
-    first = sampler.generate_batch([text_request(5, greedy(40)), text_request(7, greedy(40))])
-    warm = sampler.compilations()
-    assert warm["decode"] - before["decode"] <= len(sampler.window_buckets)
-    with count_backend_compiles() as compiles:
-        results = sampler.generate_batch([text_request(5, greedy(40)), text_request(7, greedy(40))])
-    assert [len(r.output_ids) for r in results] == [40, 40]
-    assert [r.output_ids for r in results] == [r.output_ids for r in first]
-    assert compiles == [] and sampler.compilations() == warm
-    # one variant per sampling mode (greedy, sample, filter) and window bucket, whatever ran before
-    assert warm["decode"] <= 3 * len(sampler.window_buckets)
+@pytest.mark.parametrize("impl", ["chunked", "xla"])
+def test_decode_compiles_once_per_window_bucket_never_per_token(sampler_hf_dirs, impl):
+    """The windowed kernel (GPU, TPU, or impl="xla") compiles one decode variant per window bucket it reaches;
+    the blocked CPU kernel ("chunked") a single one over the whole cache. Neither compiles per token."""
+    sampler = JaxSampler(sampler_hf_dirs["base"], CONFIG, runtime=RuntimeConfig(attention_impl=impl))
+    try:
+        assert sampler.window_buckets == (32, 48, 64)  # the prefill buckets 32, 64, each octave cut in two
+        assert sampler.decode_windows == ((64,) if impl == "chunked" else sampler.window_buckets)
+        # 5 and 7 + 40 tokens cross from the 32-slot window into the 48-slot one: one new variant per bucket
+        first = sampler.generate_batch([text_request(5, greedy(40)), text_request(7, greedy(40))])
+        warm = sampler.compilations()
+        assert warm["decode"] == (1 if impl == "chunked" else 2)
+        with count_backend_compiles() as compiles:
+            results = sampler.generate_batch([text_request(5, greedy(40)), text_request(7, greedy(40))])
+        assert [len(r.output_ids) for r in results] == [40, 40]
+        assert [r.output_ids for r in results] == [r.output_ids for r in first]
+        assert compiles == [] and sampler.compilations() == warm
+    finally:
+        sampler.close()
 
 
 def test_decode_over_a_short_window_equals_the_whole_cache(sampler_model):

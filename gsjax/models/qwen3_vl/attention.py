@@ -166,16 +166,67 @@ def _banded_segments(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.
     return out.reshape(batch, blocks * block, heads, dim)[:, :length]
 
 
+def decode_block(impl: str, chunk: int, cache_length: int) -> int | None:
+    """The key block of the blocked decode kernel for a cache this long, or None where it does not apply.
+
+    The blocked kernel (CPU, where `impl` resolves to "chunked") visits only the cache blocks up to the longest
+    live row, so a sampler passes it the whole cache and needs no window buckets. It takes blocks of `chunk`
+    keys (or the whole cache when shorter) and needs the cache to be a whole number of them.
+    """
+    block = min(chunk, cache_length)
+    return block if resolve_impl(impl) == "chunked" and cache_length % block == 0 else None
+
+
 def attend_cached(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask, *, impl: str = "auto",
                   chunk: int = 128) -> jax.Array:
     """`attend` over keys/values read from a KV cache, which keeps them head-major: k/v (B, K, S, H).
 
-    A decode step (one query per row) reads that layout directly (`_single_query`); several queries (a prefill
+    A decode step (one query per row) reads that layout directly: in blocks up to the longest live row on CPU
+    (`_single_query_blocked`), else over the whole window given (`_single_query`). Several queries (a prefill
     onto a reused prefix) take the keys in (B, S, K, H) as every other kernel does.
     """
     if q.shape[1] == 1 and mask.kind == "cached":
-        return _single_query(q, k, v, mask)
+        block = decode_block(impl, chunk, k.shape[2])
+        return _single_query(q, k, v, mask) if block is None else _single_query_blocked(q, k, v, mask, block)
     return attend(q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), mask, impl=impl, chunk=chunk)
+
+
+def _single_query_blocked(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask, block: int) -> jax.Array:
+    """A decode step over a head-major cache, k/v (B, K, S, H), in blocks of `block` keys with an online softmax.
+
+    A while loop visits blocks 0 .. (longest live row) // block only, so the step reads the keys that exist,
+    not a window bucket of up to 1.5x as many, and each block is read once while it is in the CPU's cache (the
+    windowed kernel copied the whole window out first): 3.4x faster per layer with 1056 cached tokens of 16 rows
+    (perf-notes model, 2 cores), 8x with 2100. A block with no visible key for a row leaves that row's state bit
+    for bit unchanged (its weights underflow to exact zeros and the running max stays), so a row's result does
+    not depend on how long the rows decoded beside it are.
+    """
+    batch, _, heads, dim = q.shape
+    kv_heads = k.shape[1]
+    qg = q.reshape(batch, kv_heads, heads // kv_heads, dim).astype(k.dtype)
+    q_index = mask.q_index[:, 0]
+    lowest = jnp.finfo(jnp.float32).min
+
+    def visit(i, carry):
+        best, total, acc = carry  # running max (B, K, G), softmax denominator, weighted sum of V (B, K, G, H)
+        start = i * block
+        keys = jax.lax.dynamic_slice_in_dim(k, start, block, axis=2)
+        values = jax.lax.dynamic_slice_in_dim(v, start, block, axis=2)
+        visible = ((start + jnp.arange(block))[None, :] <= q_index[:, None]) & jax.lax.dynamic_slice_in_dim(
+            mask.kv_valid, start, block, axis=1)
+        logits = jnp.einsum("bkgh,bksh->bkgs", qg, keys, preferred_element_type=jnp.float32) / jnp.sqrt(
+            jnp.float32(dim))
+        logits = jnp.where(visible[:, None, None, :], logits, lowest)
+        new_best = jnp.maximum(best, logits.max(axis=-1))
+        weights = jnp.exp(logits - new_best[..., None])
+        rescale = jnp.exp(best - new_best)
+        acc = acc * rescale[..., None] + jnp.sum(weights[..., None] * values[:, :, None].astype(jnp.float32), axis=3)
+        return new_best, total * rescale + weights.sum(axis=-1), acc
+
+    shape = (batch, kv_heads, heads // kv_heads)
+    init = (jnp.full(shape, lowest), jnp.zeros(shape, jnp.float32), jnp.zeros((*shape, dim), jnp.float32))
+    _, total, acc = jax.lax.fori_loop(0, jnp.max(q_index) // block + 1, visit, init)
+    return (acc / total[..., None]).reshape(batch, 1, heads, dim).astype(q.dtype)
 
 
 def _single_query(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask) -> jax.Array:
