@@ -9,7 +9,8 @@ Two jitted programs, both with static shapes so decoding never recompiles per to
            and the rows go back;
   decode   (all slots, one token each, per window bucket): every slot advances one token, attending only over
            the first `window` cache slots (the host picks the smallest bucket that holds its longest live row, so
-           short sequences do not pay for the whole preallocated cache); idle slots compute garbage that the
+           short sequences do not pay for the whole preallocated cache; on CPU the decode kernel itself stops at
+           the longest live row, and the host passes the whole cache); idle slots compute garbage that the
            host ignores, which is cheaper than a shape change.
 The cache, the per-slot sampling state and the parameters live on the same mesh as training (logical
 axis rules); cache and state are donated, so each step updates them in place.
