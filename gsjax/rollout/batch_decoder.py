@@ -192,13 +192,14 @@ class BatchDecoder:
                             batch.offsets + batch.last_index + 1)
         return cache, state.insert(batch.slots, batch, tokens), tokens, logprobs
 
-    def _decode_fn(self, params, cache: DecodeCache, state: SlotState, *, mode: Mode, window: int):
+    def _decode_fn(self, params, cache: DecodeCache, state: SlotState, bound: jax.Array, *, mode: Mode,
+                   window: int):
         model = nnx.merge(self.graphdef, params)
         slots = state.tokens.shape[0]
         positions = jnp.broadcast_to(state.positions[None, :, None], (3, slots, 1))
         with self._rules():
             out = model(state.tokens[:, None], positions, jnp.ones((slots, 1), bool), None, cache=cache,
-                        kv_window=window)
+                        kv_window=window, kv_bound=bound)
         tokens, logprobs = sample_tokens(out.logits[:, -1], state.key_data, state.counts, state.temperature,
                                          state.top_k, state.top_p, mode)
         state = dataclasses.replace(state, tokens=tokens, positions=state.positions + 1, counts=state.counts + 1)
@@ -225,18 +226,24 @@ class BatchDecoder:
                                                                  self._put_batch(batch), mode=mode, window=window)
         return tokens, logprobs, version
 
-    def decode(self, mode: Mode, window: int | None = None) -> tuple[jax.Array, jax.Array, str]:
+    def decode(self, mode: Mode, window: int | None = None, bound: int | None = None
+               ) -> tuple[jax.Array, jax.Array, str]:
         """Dispatch one decode step of every slot; returns (B,) tokens, logprobs and the version used.
 
         `window`: the slots the step attends over (default all `max_len`); it must cover every live row's cached
         tokens plus the new one. Each distinct window is one compiled variant, so pass a few buckets only.
+        `bound` (default: the window): the cache length after this step of the longest row whose token will be
+        read; rows past it (idle slots) compute garbage. A traced value: any bound reuses the same program.
         """
         window = self.max_len if window is None else window
         if not 0 < window <= self.max_len:
             raise ValueError(f"decode window {window} is outside [1, {self.max_len}]")
+        bound = window if bound is None else bound
+        if not 0 < bound <= window:
+            raise ValueError(f"decode bound {bound} is outside [1, window {window}]")
         params, version = self._weights
-        self.cache, self.state, tokens, logprobs = self._decode(params, self.cache, self.state, mode=mode,
-                                                                window=window)
+        self.cache, self.state, tokens, logprobs = self._decode(params, self.cache, self.state, np.int32(bound),
+                                                                mode=mode, window=window)
         return tokens, logprobs, version
 
     def set_params(self, params: nnx.State, version: str, copy: bool = True) -> None:

@@ -342,20 +342,22 @@ class JaxSampler:
         live = [(i, s) for i, s in enumerate(self._slots) if s is not None]
         self.stats.decode_steps += 1
         self.stats.peak_live = max(self.stats.peak_live, len(live))
+        reach = self._reach(s for _, s in live)
         tokens, logprobs, version = self.decoder.decode(batch_mode(s.request.params for _, s in live),
-                                                        self._window(s for _, s in live))
+                                                        fit_bucket(reach, self.decode_windows), reach)
         for _, seq in live:
             seq.decode_steps += 1
         return _Event(live, tokens, logprobs, version)
 
-    def _window(self, live: Iterable[Decoding]) -> int:
-        """The decode window: the smallest bucket that holds every live row's cache after this step.
+    def _reach(self, live: Iterable[Decoding]) -> int:
+        """How many cache slots this decode step must attend over: the longest live row's cache after it. The
+        window is the smallest decode bucket that holds it; the blocked kernel stops there (idle slots, which
+        keep advancing, do not count).
 
         A row already finished but not read back yet may ask for one slot past the cache; its token is
-        discarded, so the largest bucket (the whole cache) is enough.
+        discarded, so the whole cache is enough.
         """
-        need = max(s.next_cache_length() for s in live)
-        return fit_bucket(min(need, self.config.max_total_len), self.decode_windows)
+        return min(max(s.next_cache_length() for s in live), self.config.max_total_len)
 
     def _read(self, event: _Event) -> None:
         """Hand the event's tokens to their requests; finished requests resolve and free their slots."""

@@ -148,6 +148,25 @@ def test_attention_over_a_head_major_cache_equals_the_dense_kernel(queries, impl
         np.testing.assert_array_equal(np.asarray(both[:2]), np.asarray(whole))
 
 
+def test_blocked_decode_stops_at_the_key_bound():
+    """A sampler's idle slots keep advancing; `key_bound` (its longest live row) stops the blocked kernel there:
+    the NaN keys past it are never read, so the live rows are right and even the idle row stays finite, while
+    without a bound the loop runs to the idle row's own query index and reads them."""
+    keys = jax.random.split(jax.random.PRNGKey(5), 3)
+    q = jax.random.normal(keys[0], (2, 1, 4, 8))
+    k, v = (jax.random.normal(key, (2, 2, 64, 8)) for key in keys[1:])
+    k, v = k.at[1, :, 32:].set(jnp.nan), v.at[1, :, 32:].set(jnp.nan)  # the idle slot's keys past the bound
+    q_index = jnp.array([[20], [60]])  # row 0 live (21 keys), row 1 an idle slot that kept advancing
+    valid = jnp.arange(64)[None, :] <= q_index
+    dense = attend(q[:1], jnp.swapaxes(k[:1, :, :21], 1, 2), jnp.swapaxes(v[:1, :, :21], 1, 2),
+                   cached_mask(q_index[:1], valid[:1, :21]), impl="xla")
+    bounded = attend_cached(q, k, v, cached_mask(q_index, valid, 21), impl="chunked", chunk=16)
+    assert np.isfinite(np.asarray(bounded)).all()
+    assert np.abs(np.asarray(bounded[:1] - dense)).max() < 1e-5
+    unbounded = attend_cached(q, k, v, cached_mask(q_index, valid), impl="chunked", chunk=16)
+    assert np.isnan(np.asarray(unbounded[1])).all() and np.isfinite(np.asarray(unbounded[0])).all()
+
+
 def _tiny(moe: bool = False, **runtime) -> Qwen3VL:
     cfg = preset("tiny-moe" if moe else "tiny")
     cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, vocab_size=256),

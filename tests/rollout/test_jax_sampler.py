@@ -174,8 +174,9 @@ def test_decode_compiles_once_per_window_bucket_never_per_token(sampler_hf_dirs,
 
 
 def test_decode_over_a_short_window_equals_the_whole_cache(sampler_model):
-    """The same slots decoded over a 32-slot window and over the whole 128-slot cache give bit-identical
-    tokens and logprobs (the keys past the window are masked either way), greedy and sampled rows alike."""
+    """The same slots decoded over a 32-slot window, over the whole 128-slot cache, and over the whole cache with
+    the live rows' bound (where the blocked kernel stops) give bit-identical tokens and logprobs (the keys past
+    the window are masked either way), greedy and sampled rows alike."""
     config = sampler_model.config
     requests = [text_request(9, SamplingParams(max_tokens=8, temperature=1.0, top_p=0.9, top_k=20, seed=1)),
                 text_request(3, greedy(8)), image_request(SamplingParams(max_tokens=8, temperature=0.7, seed=2))]
@@ -186,14 +187,17 @@ def test_decode_over_a_short_window_equals_the_whole_cache(sampler_model):
     batch = build_prefill(seqs, 4, 32, 4, config, 256)
     mode = batch_mode(q.params for q in requests)
     outputs = []
-    for window in (32, None):
+    for window, bound in ((32, None), (None, None), (None, 32)):
         decoder = BatchDecoder(sampler_model, 4, 128)
-        steps = [decoder.prefill(batch, mode)[:2]] + [decoder.decode(mode, window)[:2] for _ in range(8)]
+        steps = [decoder.prefill(batch, mode)[:2]] + [decoder.decode(mode, window, bound)[:2] for _ in range(8)]
         outputs.append([np.asarray(a) for step in steps for a in step])
         cache = decoder.cache
         assert not np.asarray(cache.kv_valid)[:3, 32:].any()  # nothing live was written past the window
-    for short, full in zip(*outputs):
+    for short, full, bounded in zip(*outputs):
         np.testing.assert_array_equal(short, full)
+        np.testing.assert_array_equal(bounded, full)
+    with pytest.raises(ValueError, match="decode bound 33 is outside"):
+        decoder.decode(mode, 32, 33)
 
 
 def test_bad_requests_raise_engine_error(sampler):

@@ -73,7 +73,8 @@ class Qwen3VL(nnx.Module):
     def __call__(self, input_ids: jax.Array, positions: jax.Array, attention_mask: jax.Array | None = None,
                  vision: VisionInputs | None = None, *, cache: DecodeCache | None = None,
                  return_hidden: bool = False, logits_index: jax.Array | None = None,
-                 compute_logits: bool = True, kv_window: int | None = None) -> ModelOutput:
+                 compute_logits: bool = True, kv_window: int | None = None,
+                 kv_bound: jax.Array | None = None) -> ModelOutput:
         """input_ids (B, L); positions (3, B, L) M-RoPE ids; attention_mask (B, L) of valid tokens.
 
         With `cache`, the L new tokens are written after each row's cached tokens and attend to them.
@@ -84,6 +85,9 @@ class Qwen3VL(nnx.Module):
         `kv_window` (static, with `cache`): the new tokens attend only over the cache's first `kv_window` slots,
         so a decode step costs what its longest row needs, not the whole preallocated cache; every row's
         cached and new tokens must lie inside the window (the caller's bookkeeping guarantees it).
+        `kv_bound` (traced int, with `cache`): no row whose output the caller reads attends to cache slot
+        `kv_bound` or later, so the blocked decode kernel stops there (a sampler's idle slots keep advancing
+        and would otherwise set the bound).
         """
         cfg = self.config
         if kv_window is not None and cache is None:
@@ -104,7 +108,7 @@ class Qwen3VL(nnx.Module):
         if cache is None:
             mask = causal_mask(attention_mask)
         else:
-            cache, mask, cache_offsets = _advance_cache(cache, input_ids.shape[1], attention_mask, kv_window)
+            cache, mask, cache_offsets = _advance_cache(cache, input_ids.shape[1], attention_mask, kv_window, kv_bound)
             if cache.kv_valid.shape[1] == input_ids.shape[1]:
                 # A cache exactly as long as the new tokens is filled from slot 0 (a prefill; any other offset
                 # would not fit), so plain causal self-attention is the same mask and can use the fast kernels.
@@ -151,7 +155,8 @@ def scatter_visual(x: jax.Array, visual_mask: jax.Array, feats: jax.Array, add: 
     return jnp.where(visual_mask[..., None], gathered, x)
 
 
-def _advance_cache(cache: DecodeCache, num_new: int, attention_mask: jax.Array | None, window: int | None = None):
+def _advance_cache(cache: DecodeCache, num_new: int, attention_mask: jax.Array | None, window: int | None = None,
+                   bound: jax.Array | None = None):
     """Mark the new tokens' slots valid, and build the mask that lets them see their row's cache (its first
     `window` slots when given: the keys the attention will read)."""
     batch = cache.lengths.shape[0]
@@ -164,7 +169,7 @@ def _advance_cache(cache: DecodeCache, num_new: int, attention_mask: jax.Array |
     updated = DecodeCache(layers=cache.layers, kv_valid=kv_valid, lengths=offsets + num_new)
     if window is not None and not 0 < window <= kv_valid.shape[1]:
         raise ValueError(f"kv_window={window} must be in [1, {kv_valid.shape[1]}] (the cache length)")
-    return updated, cached_mask(q_index, kv_valid[:, :window]), offsets
+    return updated, cached_mask(q_index, kv_valid[:, :window], bound), offsets
 
 
 def _run_layer(layer: DecoderLayer, x, cos, sin, mask, token_valid, layer_cache, cache_offsets, policy,
