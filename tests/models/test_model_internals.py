@@ -167,6 +167,23 @@ def test_blocked_decode_stops_at_the_key_bound():
     assert np.isnan(np.asarray(unbounded[1])).all() and np.isfinite(np.asarray(unbounded[0])).all()
 
 
+@pytest.mark.parametrize("impl", ["chunked", "xla"])
+def test_stale_nan_in_masked_cache_columns_is_never_read(impl):
+    """A freed slot may hold a diverged request's NaN/inf keys and values past the next occupant's tokens (and in
+    holes); both decode kernels give that occupant the same result as a clean cache."""
+    keys = jax.random.split(jax.random.PRNGKey(7), 3)
+    q = jax.random.normal(keys[0], (2, 1, 4, 8))
+    k, v = (jax.random.normal(key, (2, 2, 48, 8)) for key in keys[1:])
+    q_index = jnp.array([[20], [37]])
+    valid = (jnp.arange(48)[None, :] <= q_index).at[1, 5].set(False)
+    stale = ~valid[:, None, :, None]
+    dirty_k, dirty_v = jnp.where(stale, jnp.nan, k), jnp.where(stale, jnp.inf, v)
+    mask = cached_mask(q_index, valid)
+    clean = attend_cached(q, k, v, mask, impl=impl, chunk=16)
+    dirty = attend_cached(q, dirty_k, dirty_v, mask, impl=impl, chunk=16)
+    np.testing.assert_array_equal(np.asarray(dirty), np.asarray(clean))
+
+
 def _tiny(moe: bool = False, **runtime) -> Qwen3VL:
     cfg = preset("tiny-moe" if moe else "tiny")
     cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, vocab_size=256),

@@ -226,7 +226,8 @@ def _single_query_blocked(q: jax.Array, k: jax.Array, v: jax.Array, mask: Attent
         new_best = jnp.maximum(best, logits.max(axis=-1))
         weights = jnp.exp(logits - new_best[..., None])
         rescale = jnp.exp(best - new_best)
-        acc = acc * rescale[..., None] + jnp.sum(weights[..., None] * values[:, :, None].astype(jnp.float32), axis=3)
+        values = jnp.where(visible[:, None, :, None], values.astype(jnp.float32), 0.0)  # stale NaN/inf: never read
+        acc = acc * rescale[..., None] + jnp.sum(weights[..., None] * values[:, :, None], axis=3)
         return new_best, total * rescale + weights.sum(axis=-1), acc
 
     shape = (batch, kv_heads, heads // kv_heads)
@@ -253,5 +254,6 @@ def _single_query(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask)
     logits = jnp.einsum("bkgh,bksh->bkgs", qg, k, preferred_element_type=jnp.float32) / jnp.sqrt(jnp.float32(dim))
     visible = mask.dense(1, k.shape[2])[:, 0, 0]  # (B, S)
     probs = jax.nn.softmax(jnp.where(visible[:, None, None, :], logits, jnp.finfo(jnp.float32).min), axis=-1)
-    out = jnp.sum(probs[..., None] * v[:, :, None, :, :].astype(jnp.float32), axis=3)  # (B, K, G, H)
+    values = jnp.where(visible[:, None, :, None], v.astype(jnp.float32), 0.0)  # stale NaN/inf in a slot: never read
+    out = jnp.sum(probs[..., None] * values[:, :, None, :, :], axis=3)  # (B, K, G, H)
     return out.reshape(batch, 1, heads, dim).astype(q.dtype)
