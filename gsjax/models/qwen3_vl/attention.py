@@ -220,13 +220,10 @@ def _single_query_blocked(q: jax.Array, k: jax.Array, v: jax.Array, mask: Attent
         values = jax.lax.dynamic_slice_in_dim(v, start, block, axis=2)
         visible = ((start + jnp.arange(block))[None, :] <= q_index[:, None]) & jax.lax.dynamic_slice_in_dim(
             mask.kv_valid, start, block, axis=1)
-        logits = jnp.einsum("bkgh,bksh->bkgs", qg, keys, preferred_element_type=jnp.float32) / jnp.sqrt(
-            jnp.float32(dim))
-        logits = jnp.where(visible[:, None, None, :], logits, lowest)
+        logits, values = _masked_scores(qg, keys, values, visible)
         new_best = jnp.maximum(best, logits.max(axis=-1))
         weights = jnp.exp(logits - new_best[..., None])
         rescale = jnp.exp(best - new_best)
-        values = jnp.where(visible[:, None, :, None], values.astype(jnp.float32), 0.0)  # stale NaN/inf: never read
         acc = acc * rescale[..., None] + jnp.sum(weights[..., None] * values[:, :, None], axis=3)
         return new_best, total * rescale + weights.sum(axis=-1), acc
 
@@ -251,9 +248,16 @@ def _single_query(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask)
     batch, _, heads, dim = q.shape
     kv_heads = k.shape[1]
     qg = q.reshape(batch, kv_heads, heads // kv_heads, dim).astype(k.dtype)
-    logits = jnp.einsum("bkgh,bksh->bkgs", qg, k, preferred_element_type=jnp.float32) / jnp.sqrt(jnp.float32(dim))
-    visible = mask.dense(1, k.shape[2])[:, 0, 0]  # (B, S)
-    probs = jax.nn.softmax(jnp.where(visible[:, None, None, :], logits, jnp.finfo(jnp.float32).min), axis=-1)
-    values = jnp.where(visible[:, None, :, None], v.astype(jnp.float32), 0.0)  # stale NaN/inf in a slot: never read
-    out = jnp.sum(probs[..., None] * values[:, :, None, :, :], axis=3)  # (B, K, G, H)
+    logits, values = _masked_scores(qg, k, v, mask.dense(1, k.shape[2])[:, 0, 0])
+    out = jnp.sum(jax.nn.softmax(logits, axis=-1)[..., None] * values[:, :, None, :, :], axis=3)  # (B, K, G, H)
     return out.reshape(batch, 1, heads, dim).astype(q.dtype)
+
+
+def _masked_scores(qg: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Both decode kernels' scores: fp32 logits (B, K, G, S) of grouped queries qg (B, K, G, H) against head-major
+    keys k (B, K, S, H), the lowest float where `visible` (B, S) is False; and the values in fp32 with masked
+    columns zeroed, so a slot's stale NaN/inf (a diverged earlier request) is never read."""
+    logits = jnp.einsum("bkgh,bksh->bkgs", qg, k, preferred_element_type=jnp.float32) / jnp.sqrt(
+        jnp.float32(qg.shape[-1]))
+    logits = jnp.where(visible[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
+    return logits, jnp.where(visible[:, None, :, None], v.astype(jnp.float32), 0.0)

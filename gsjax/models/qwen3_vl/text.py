@@ -72,16 +72,16 @@ class Attention(nnx.Module):
         # Named so the `save_qkv_out` remat policy keeps exactly these (and the attention output).
         q = checkpoint_name(constrain(q, HEADS), "qkv")
         k, v = checkpoint_name(constrain(k, HEADS), "qkv"), checkpoint_name(constrain(v, HEADS), "qkv")
-        if cache is not None:
-            cache = write_cache(cache, k, v, cache_offsets)
         if cache is None:
             o = attend(q, k, v, mask, impl=impl, chunk=chunk)
-        elif mask.kind == "causal":  # a prefill that fills a cache of its own length: attend to what was written
-            o = attend(q, k.astype(cache.k.dtype).astype(dt), v.astype(cache.v.dtype).astype(dt), mask, impl=impl,
-                       chunk=chunk)
         else:
-            o = attend_cached(q, cache.k[:, :, :cache_window].astype(dt), cache.v[:, :, :cache_window].astype(dt),
-                              mask, impl=impl, chunk=chunk)
+            cache = write_cache(cache, k, v, cache_offsets)
+            if mask.kind == "causal":  # a prefill that fills a cache of its own length: attend to what was written
+                o = attend(q, k.astype(cache.k.dtype).astype(dt), v.astype(cache.v.dtype).astype(dt), mask,
+                           impl=impl, chunk=chunk)
+            else:
+                o = attend_cached(q, cache.k[:, :, :cache_window].astype(dt),
+                                  cache.v[:, :, :cache_window].astype(dt), mask, impl=impl, chunk=chunk)
         o = checkpoint_name(o, "attn_out")
         return jnp.einsum("blnk,nkd->bld", o, self.o_proj[...].astype(dt)), cache
 
